@@ -1,0 +1,147 @@
+//! The node-local API of a meshd agent: JSON over HTTP on a unix socket
+//! (`/var/run/meshd/meshd.sock`). The CLI reads status from it; the CNI plugin (in the lab,
+//! the lab itself) registers endpoints with it.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, StatusCode};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+pub const DEFAULT_SOCKET: &str = "/var/run/meshd/meshd.sock";
+
+/// A workload on this node, as the CNI plugin reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSpec {
+    pub name: String,
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The host-side interface of the endpoint's veth.
+    pub interface: String,
+    pub addresses: Vec<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    Ok,
+    Degraded,
+    Failure,
+    Disabled,
+}
+
+/// One component's state with a human message, as `cilium status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentStatus {
+    pub state: Health,
+    pub message: String,
+}
+
+/// Another node as this agent knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub addresses: Vec<IpAddr>,
+    pub pod_cidrs: Vec<String>,
+    /// Whether the routes to its pod CIDRs are installed, and if not why.
+    pub routes: ComponentStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub node_name: String,
+    pub version: String,
+    pub kubernetes: ComponentStatus,
+    pub node_addresses: Vec<IpAddr>,
+    pub pod_cidrs: Vec<String>,
+    /// The `Encryption:` line's content after the tab, e.g. `Disabled`.
+    pub encryption: String,
+    pub nodes: Vec<NodeStatus>,
+    pub endpoints: usize,
+    /// Seconds since the agent started.
+    pub uptime_seconds: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the meshd agent at {path}: {source}; is `meshd agent` running on this node?")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("talking to the meshd agent at {path} failed: {message}")]
+    Http { path: PathBuf, message: String },
+    #[error("the meshd agent refused the request ({status}): {message}")]
+    Refused { status: u16, message: String },
+    #[error("the meshd agent's answer could not be read: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+/// Error body of the local API.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+pub struct Client {
+    path: PathBuf,
+}
+
+impl Client {
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        Self { path: path.as_ref().to_path_buf() }
+    }
+
+    async fn request(&self, method: Method, uri: &str, body: Option<Vec<u8>>) -> Result<Bytes, ClientError> {
+        let http = |message: String| ClientError::Http { path: self.path.clone(), message };
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect { path: self.path.clone(), source })?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("host", "meshd")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(e.to_string()))?;
+        let resp = send.send_request(req).await.map_err(|e| http(e.to_string()))?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(|e| http(e.to_string()))?.to_bytes();
+        if status != StatusCode::OK {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Refused { status: status.as_u16(), message });
+        }
+        Ok(bytes)
+    }
+
+    async fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, ClientError> {
+        Ok(serde_json::from_slice(&self.request(Method::GET, uri, None).await?)?)
+    }
+
+    pub async fn status(&self) -> Result<Status, ClientError> {
+        self.get("/v1/status").await
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<EndpointSpec>, ClientError> {
+        self.get("/v1/endpoints").await
+    }
+
+    pub async fn put_endpoint(&self, ep: &EndpointSpec) -> Result<(), ClientError> {
+        let uri = format!("/v1/endpoints/{}/{}", ep.namespace, ep.name);
+        self.request(Method::PUT, &uri, Some(serde_json::to_vec(ep)?)).await.map(drop)
+    }
+
+    pub async fn delete_endpoint(&self, namespace: &str, name: &str) -> Result<(), ClientError> {
+        self.request(Method::DELETE, &format!("/v1/endpoints/{namespace}/{name}"), None).await.map(drop)
+    }
+}

@@ -1,0 +1,362 @@
+//! `meshd agent`: wires the node watcher, the own-node publisher, the route reconciler and the
+//! local API together. Each loop is level-triggered: it recomputes what should be from the
+//! caches and applies the difference, on every change and on a timer.
+
+mod api;
+pub mod endpoints;
+pub mod nodes;
+pub mod routes;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use futures::{StreamExt as _, TryStreamExt as _};
+use kube::api::{Api, DynamicObject};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use meshd_api::{ComponentStatus, Health, NodeStatus, Status};
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::config::AgentConfig;
+use endpoints::EndpointStore;
+use nodes::{NodeTable, OwnNode};
+use routes::RouteManager;
+
+pub struct AgentState {
+    pub kubernetes: ComponentStatus,
+    pub table: NodeTable,
+    /// The node watcher has listed every CiliumNode at least once.
+    pub synced: bool,
+    pub published: bool,
+    /// Per remote node: why its routes are not installed.
+    pub route_errors: BTreeMap<String, String>,
+    pub routes: routes::RouteSet,
+    pub endpoints: EndpointStore,
+    pub own: OwnNode,
+    /// The own CiliumNode as last seen by the watcher.
+    pub own_object: Option<DynamicObject>,
+}
+
+pub struct Shared {
+    started: Instant,
+    state: Mutex<AgentState>,
+    wake: Notify,
+}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, AgentState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the reconcilers to run now.
+    pub fn trigger(&self) {
+        self.wake.notify_waiters();
+    }
+
+    pub fn status(&self) -> Status {
+        let s = self.lock();
+        let kubernetes = match (&s.kubernetes.state, s.synced, s.published) {
+            (Health::Ok, true, true) => s.kubernetes.clone(),
+            (Health::Ok, false, _) => ComponentStatus { state: Health::Degraded, message: "listing CiliumNodes".into() },
+            (Health::Ok, true, false) => ComponentStatus { state: Health::Degraded, message: "publishing the own CiliumNode".into() },
+            _ => s.kubernetes.clone(),
+        };
+        let nodes = s
+            .table
+            .nodes
+            .values()
+            .filter(|n| n.name != s.own.name)
+            .map(|n| {
+                let installed: Vec<_> = n
+                    .pod_cidrs
+                    .iter()
+                    .filter(|c| matches!(c, ipnet::IpNet::V4(v4) if s.routes.contains_key(v4)))
+                    .map(ToString::to_string)
+                    .collect();
+                let routes = if let Some(e) = s.route_errors.get(&n.name) {
+                    ComponentStatus { state: Health::Failure, message: e.clone() }
+                } else if n.pod_cidrs.is_empty() || n.internal_ip.is_none() {
+                    ComponentStatus { state: Health::Disabled, message: "no InternalIP or pod CIDRs published".into() }
+                } else if installed.len() == n.pod_cidrs.len() {
+                    ComponentStatus {
+                        state: Health::Ok,
+                        message: format!("{} via {}", installed.join(","), n.internal_ip.map(|i| i.to_string()).unwrap_or_default()),
+                    }
+                } else {
+                    ComponentStatus { state: Health::Degraded, message: "routes pending".into() }
+                };
+                NodeStatus {
+                    name: n.name.clone(),
+                    addresses: n.addresses.clone(),
+                    pod_cidrs: n.pod_cidrs.iter().map(ToString::to_string).collect(),
+                    routes,
+                }
+            })
+            .chain(s.table.invalid.values().map(|e| NodeStatus {
+                name: e.node.clone(),
+                addresses: vec![],
+                pod_cidrs: vec![],
+                routes: ComponentStatus { state: Health::Failure, message: format!("invalid: {}: {}", e.field, e.message) },
+            }))
+            .collect();
+        Status {
+            node_name: s.own.name.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            kubernetes,
+            node_addresses: vec![s.own.internal_ip],
+            pod_cidrs: s.own.pod_cidrs.clone(),
+            encryption: "Disabled".into(),
+            nodes,
+            endpoints: s.endpoints.len(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+}
+
+async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client> {
+    let config = match &cfg.k8s_kubeconfig_path {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {} (k8s-kubeconfig-path)", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &Default::default())
+                .await
+                .with_context(|| format!("the kubeconfig {} is unusable", path.display()))?
+        }
+        None => kube::Config::incluster().context("no k8s-kubeconfig-path given and not running in a cluster")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// The first global IPv4 address of a non-loopback interface.
+async fn detect_node_ip() -> Result<Ipv4Addr> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    let task = tokio::spawn(conn);
+    let mut dump = handle.address().get().execute();
+    let mut found = None;
+    while let Some(msg) = dump.try_next().await.context("listing addresses")? {
+        for a in &msg.attributes {
+            if let AddressAttribute::Address(IpAddr::V4(ip)) = a
+                && !ip.is_loopback()
+                && !ip.is_link_local()
+            {
+                found = Some(*ip);
+            }
+        }
+        if found.is_some() {
+            break;
+        }
+    }
+    task.abort();
+    found.context("no IPv4 address found on this node; set ipv4-node")
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<()> {
+    cfg.validate()?;
+    let node_name = match &cfg.node_name {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("no node-name given and the hostname is unreadable")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("creating the state directory {} (state-dir)", cfg.state_dir.display()))?;
+    let ip = match cfg.ipv4_node {
+        Some(ip) => ip,
+        None => detect_node_ip().await?,
+    };
+    let client = kube_client(&cfg).await?;
+    let api: Api<DynamicObject> = Api::all_with(client, &nodes::cilium_node_resource());
+    let routes = RouteManager::new()?;
+    let endpoints = EndpointStore::load(&cfg.state_dir)?;
+    let own = OwnNode {
+        name: node_name.clone(),
+        internal_ip: IpAddr::V4(ip),
+        pod_cidrs: cfg.ipv4_range.iter().map(ToString::to_string).collect(),
+        boot_id: boot_id(),
+    };
+    info!(node = %node_name, ip = %ip, pod_cidrs = ?own.pod_cidrs, "meshd agent starting");
+    let shared = Arc::new(Shared {
+        started: Instant::now(),
+        state: Mutex::new(AgentState {
+            kubernetes: ComponentStatus { state: Health::Degraded, message: "connecting".into() },
+            table: NodeTable::default(),
+            synced: false,
+            published: false,
+            route_errors: BTreeMap::new(),
+            routes: Default::default(),
+            endpoints,
+            own,
+            own_object: None,
+        }),
+        wake: Notify::new(),
+    });
+
+    let listener = api::bind(&cfg.socket_path).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(api::serve(listener, shared.clone()));
+    tasks.spawn(watch_nodes(api.clone(), shared.clone()));
+    tasks.spawn(publish_own_node(api, shared.clone()));
+    tasks.spawn(reconcile_routes(routes, shared.clone(), cfg.route_sync_interval));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping; routes stay in place"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping; routes stay in place"),
+        Some(res) = tasks.join_next() => error!(?res, "a component stopped unexpectedly"),
+    }
+    tasks.shutdown().await;
+    let _ = std::fs::remove_file(&cfg.socket_path);
+    Ok(())
+}
+
+async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut buffer: Option<NodeTable> = None;
+    loop {
+        match stream.next().await {
+            Some(Ok(ev)) => {
+                let mut s = shared.lock();
+                let own_name = s.own.name.clone();
+                let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
+                match ev {
+                    watcher::Event::Init => buffer = Some(NodeTable::default()),
+                    watcher::Event::InitApply(o) => {
+                        if is_own(&o) {
+                            s.own_object = Some(o.clone());
+                        }
+                        buffer.get_or_insert_with(NodeTable::default).apply(&o);
+                    }
+                    watcher::Event::InitDone => {
+                        let table = buffer.take().unwrap_or_default();
+                        if !table.nodes.contains_key(&own_name) && !table.invalid.contains_key(&own_name) {
+                            s.own_object = None;
+                        }
+                        s.table = table;
+                        s.synced = true;
+                        s.kubernetes = ComponentStatus { state: Health::Ok, message: "Ok".into() };
+                    }
+                    watcher::Event::Apply(o) => {
+                        if is_own(&o) {
+                            s.own_object = Some(o.clone());
+                        }
+                        s.table.apply(&o);
+                    }
+                    watcher::Event::Delete(o) => {
+                        if is_own(&o) {
+                            s.own_object = None;
+                        }
+                        s.table.delete(o.metadata.name.as_deref().unwrap_or_default());
+                    }
+                }
+                drop(s);
+                shared.trigger();
+            }
+            Some(Err(e)) => {
+                warn!(error = %e, "watching CiliumNodes failed; retrying");
+                shared.lock().kubernetes = ComponentStatus { state: Health::Failure, message: format!("watching CiliumNodes: {e}") };
+            }
+            None => return,
+        }
+    }
+}
+
+/// Keeps the own CiliumNode as this agent says it should be: on start, whenever the object
+/// changes (someone edited or deleted it) and every minute.
+async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
+    let mut force = true;
+    loop {
+        let wake = shared.wake.notified();
+        let (own, current) = {
+            let s = shared.lock();
+            let current = s.synced && s.own_object.as_ref().is_some_and(|o| s.own.is_published_in(o));
+            (s.own.clone(), current)
+        };
+        // Only talk to the API server when the cached object disagrees (or on the timer).
+        if current && !force {
+            tokio::select! {
+                _ = wake => {}
+                _ = tokio::time::sleep(Duration::from_secs(60)) => force = true,
+            }
+            continue;
+        }
+        force = false;
+        match own.publish(&api).await {
+            Ok(()) => {
+                let mut s = shared.lock();
+                if !s.published {
+                    info!(node = %own.name, "CiliumNode published");
+                }
+                s.published = true;
+                // Adopt pod CIDRs an operator assigned when none were configured.
+                if s.own.pod_cidrs.is_empty()
+                    && let Some(n) = s.table.nodes.get(&own.name)
+                {
+                    s.own.pod_cidrs = n.pod_cidrs.iter().map(ToString::to_string).collect();
+                }
+            }
+            Err(e) => {
+                warn!(node = %own.name, error = %e, "publishing the CiliumNode failed; retrying");
+                {
+                    let mut s = shared.lock();
+                    s.published = false;
+                    s.kubernetes = ComponentStatus { state: Health::Failure, message: format!("publishing CiliumNode {}: {e}", own.name) };
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        }
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(Duration::from_secs(60)) => force = true,
+        }
+    }
+}
+
+async fn reconcile_routes(routes: RouteManager, shared: Arc<Shared>, every: Duration) {
+    loop {
+        let wake = shared.wake.notified();
+        let (desired, synced) = {
+            let s = shared.lock();
+            (routes::desired(&s.table, &s.own.name), s.synced)
+        };
+        // Before the first full list, an empty table would remove every route: wait.
+        if synced {
+            match routes.reconcile(&desired).await {
+                Ok(_) => {
+                    let installed = routes.installed().await.unwrap_or_default();
+                    let mut s = shared.lock();
+                    s.routes = installed;
+                    s.route_errors.clear();
+                }
+                Err(e) => {
+                    warn!(error = %e, "route reconciliation failed; retrying");
+                    {
+                        let mut s = shared.lock();
+                        let gw_to_node: BTreeMap<IpAddr, String> =
+                            s.table.nodes.values().filter_map(|n| n.internal_ip.map(|ip| (ip, n.name.clone()))).collect();
+                        if let routes::RouteError::Add { gateway, .. } = &e
+                            && let Some(n) = gw_to_node.get(&IpAddr::V4(*gateway))
+                        {
+                            s.route_errors.insert(n.clone(), e.to_string());
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            }
+        }
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Direct routes to other nodes' pod CIDRs over the underlay, reconciled level-triggered: routes
+//! carry meshd's own protocol number, so only routes this agent made are ever changed, and
+//! routes that are already right are left untouched (a restart does not flap them).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, RouteMessageBuilder};
+
+use super::nodes::NodeTable;
+
+/// `proto 193` in `ip route`: the routes meshd owns.
+pub const MESHD_ROUTE_PROTOCOL: u8 = 193;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("opening a netlink socket failed: {0}; the agent needs CAP_NET_ADMIN")]
+    Socket(#[source] std::io::Error),
+    #[error("listing routes failed: {0}")]
+    List(#[source] rtnetlink::Error),
+    #[error("installing the route to {dst} via {gateway} failed: {source}")]
+    Add { dst: Ipv4Net, gateway: Ipv4Addr, source: rtnetlink::Error },
+    #[error("removing the route to {dst} failed: {source}")]
+    Remove { dst: Ipv4Net, source: rtnetlink::Error },
+}
+
+/// Destination → gateway.
+pub type RouteSet = BTreeMap<Ipv4Net, Ipv4Addr>;
+
+/// The routes this node should have: every other node's IPv4 pod CIDRs via its InternalIP.
+pub fn desired(table: &NodeTable, own_node: &str) -> RouteSet {
+    let mut out = RouteSet::new();
+    for n in table.nodes.values().filter(|n| n.name != own_node) {
+        let Some(IpAddr::V4(gw)) = n.internal_ip else { continue };
+        for cidr in &n.pod_cidrs {
+            if let ipnet::IpNet::V4(v4) = cidr {
+                out.insert(*v4, gw);
+            }
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Add(Ipv4Net, Ipv4Addr),
+    Replace(Ipv4Net, Ipv4Addr),
+    Remove(Ipv4Net),
+}
+
+/// What to do to go from `installed` to `desired`; nothing for routes already right.
+pub fn plan(installed: &RouteSet, desired: &RouteSet) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (dst, gw) in desired {
+        match installed.get(dst) {
+            None => out.push(Change::Add(*dst, *gw)),
+            Some(cur) if cur != gw => out.push(Change::Replace(*dst, *gw)),
+            Some(_) => {}
+        }
+    }
+    out.extend(installed.keys().filter(|d| !desired.contains_key(d)).map(|d| Change::Remove(*d)));
+    out
+}
+
+pub struct RouteManager {
+    handle: Handle,
+}
+
+fn route_message(dst: Ipv4Net, gw: Option<Ipv4Addr>) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(dst.addr(), dst.prefix_len())
+        .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
+    if let Some(gw) = gw {
+        b = b.gateway(gw);
+    }
+    b.build()
+}
+
+impl RouteManager {
+    pub fn new() -> Result<Self, RouteError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(RouteError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    /// meshd's routes as the kernel has them now.
+    pub async fn installed(&self) -> Result<RouteSet, RouteError> {
+        let mut out = RouteSet::new();
+        let mut dump = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        while let Some(msg) = dump.try_next().await.map_err(RouteError::List)? {
+            if msg.header.protocol != RouteProtocol::Other(MESHD_ROUTE_PROTOCOL) {
+                continue;
+            }
+            let mut dst = None;
+            let mut gw = None;
+            for a in &msg.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    _ => {}
+                }
+            }
+            if let (Some(d), Some(g)) = (dst, gw)
+                && let Ok(net) = Ipv4Net::new(d, msg.header.destination_prefix_length)
+            {
+                out.insert(net, g);
+            } else if let Some(d) = dst
+                && let Ok(net) = Ipv4Net::new(d, msg.header.destination_prefix_length)
+            {
+                // Ours but without a gateway: wrong, so it must be replaced.
+                out.insert(net, Ipv4Addr::UNSPECIFIED);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the kernel's meshd routes equal `desired`. Returns the changes made.
+    pub async fn reconcile(&self, desired: &RouteSet) -> Result<Vec<Change>, RouteError> {
+        let installed = self.installed().await?;
+        let changes = plan(&installed, desired);
+        for c in &changes {
+            match *c {
+                Change::Add(dst, gw) | Change::Replace(dst, gw) => {
+                    self.handle
+                        .route()
+                        .add(route_message(dst, Some(gw)))
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(|source| RouteError::Add { dst, gateway: gw, source })?;
+                    tracing::info!(%dst, via = %gw, "route installed");
+                }
+                Change::Remove(dst) => {
+                    self.handle
+                        .route()
+                        .del(route_message(dst, None))
+                        .execute()
+                        .await
+                        .map_err(|source| RouteError::Remove { dst, source })?;
+                    tracing::info!(%dst, "route removed");
+                }
+            }
+        }
+        Ok(changes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn plan_touches_only_what_differs() {
+        let installed = RouteSet::from([
+            (net("198.19.2.0/24"), ip("198.18.0.12")),
+            (net("198.19.3.0/24"), ip("198.18.0.99")),
+            (net("198.19.4.0/24"), ip("198.18.0.14")),
+        ]);
+        let desired = RouteSet::from([
+            (net("198.19.2.0/24"), ip("198.18.0.12")),
+            (net("198.19.3.0/24"), ip("198.18.0.13")),
+            (net("198.19.5.0/24"), ip("198.18.0.15")),
+        ]);
+        assert_eq!(
+            plan(&installed, &desired),
+            vec![
+                Change::Replace(net("198.19.3.0/24"), ip("198.18.0.13")),
+                Change::Add(net("198.19.5.0/24"), ip("198.18.0.15")),
+                Change::Remove(net("198.19.4.0/24")),
+            ]
+        );
+        assert!(plan(&desired, &desired).is_empty());
+    }
+}

@@ -1,0 +1,96 @@
+//! `meshd`: the node agent, its CLI, and the lab.
+
+mod agent;
+mod cli;
+mod config;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "meshd", version, about = "Encryption- and identity-first mesh daemon for Kubernetes nodes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent.
+    Agent(Box<config::AgentConfig>),
+    /// Show the agent's status (as `cilium status`).
+    Status {
+        #[arg(long, default_value = meshd_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Local endpoints.
+    Endpoint {
+        #[command(subcommand)]
+        command: cli::EndpointCommand,
+    },
+    /// The local lab: a cluster of nodes and pods in network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: cli::lab::LabCommand,
+    },
+}
+
+fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = if argv.get(1).is_some_and(|a| a == "agent") {
+        // The agent's options merge flags, environment and config files; parse them ourselves.
+        match config::AgentConfig::parse_with_files(argv[1..].to_vec()) {
+            Ok(cfg) => {
+                init_tracing(std::env::var_os("MESHD_LOG_JSON").is_some());
+                rt.block_on(agent::run(cfg))
+            }
+            Err(e) => Err(e.into()),
+        }
+    } else {
+        let cli = Cli::parse_from(argv);
+        init_tracing(false);
+        rt.block_on(async move {
+            match cli.command {
+                Command::Agent(_) => Err(anyhow::anyhow!("`agent` must be the first argument")),
+                Command::Status { socket, output } => cli::status(&socket, output).await,
+                Command::Endpoint { command } => cli::endpoint(command).await,
+                Command::Lab { command } => cli::lab::run(command).await,
+            }
+        })
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
