@@ -79,6 +79,8 @@ enum Target {
     ApiGroupList,
     ApiGroup(String),
     ResourceList(String, String),
+    OpenApiRoot,
+    OpenApiGroupVersion(String, String),
     Collection { rid: ResourceId, ns: Option<String> },
     Object { rid: ResourceId, ns: Option<String>, name: String },
 }
@@ -90,6 +92,9 @@ fn route(path: &str) -> Option<Target> {
         ["version"] => return Some(Target::Version),
         ["healthz" | "readyz" | "livez"] => return Some(Target::Health),
         ["api"] => return Some(Target::ApiVersions),
+        ["openapi", "v3"] => return Some(Target::OpenApiRoot),
+        ["openapi", "v3", "api", v] => return Some(Target::OpenApiGroupVersion(String::new(), v.to_string())),
+        ["openapi", "v3", "apis", g, v] => return Some(Target::OpenApiGroupVersion(g.to_string(), v.to_string())),
         ["apis"] => return Some(Target::ApiGroupList),
         ["apis", g] => return Some(Target::ApiGroup(g.to_string())),
         ["api", v] => return Some(Target::ResourceList(String::new(), v.to_string())),
@@ -227,6 +232,15 @@ async fn dispatch(server: &ApiServer, req: Request<Incoming>, target: Target) ->
             let gv = if g.is_empty() { v } else { format!("{g}/{v}") };
             Ok(respond(200, &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list})))
         }
+        Target::OpenApiRoot => {
+            let mut paths = serde_json::Map::new();
+            paths.insert("api/v1".into(), json!({"serverRelativeURL": "/openapi/v3/api/v1?hash=1"}));
+            for (g, v) in resources::groups() {
+                paths.insert(format!("apis/{g}/{v}"), json!({"serverRelativeURL": format!("/openapi/v3/apis/{g}/{v}?hash=1")}));
+            }
+            Ok(respond(200, &json!({"paths": paths})))
+        }
+        Target::OpenApiGroupVersion(g, v) => openapi_document(&g, &v),
         Target::Collection { rid, ns } => {
             let rt = resources::get(rid);
             match method {
@@ -293,6 +307,41 @@ async fn dispatch(server: &ApiServer, req: Request<Incoming>, target: Target) ->
             }
         }
     }
+}
+
+/// A minimal OpenAPI v3 document for one group/version: every kind's PATCH operation declares
+/// the `fieldValidation` parameter, which is how `kubectl apply` learns that this server
+/// validates on its side (otherwise it insists on downloading a full schema first). Schemas
+/// preserve unknown fields: the lab server stores what it is given.
+fn openapi_document(g: &str, v: &str) -> Result<Response<Body>, ApiError> {
+    let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    for rt in resources::RESOURCES.iter().filter(|r| r.group == g && r.version == v) {
+        let gvk = json!({"group": rt.group, "version": rt.version, "kind": rt.kind});
+        let prefix = if g.is_empty() { format!("/api/{v}") } else { format!("/apis/{g}/{v}") };
+        let path = if rt.namespaced {
+            format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", rt.plural)
+        } else {
+            format!("{prefix}/{}/{{name}}", rt.plural)
+        };
+        let param = json!({"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": true}});
+        paths.insert(path, json!({"patch": {
+            "x-kubernetes-group-version-kind": gvk, "x-kubernetes-action": "patch",
+            "parameters": [param], "responses": {"200": {"description": "OK"}}
+        }}));
+        let name = format!("{}.{}.{}", if g.is_empty() { "io.k8s.api.core" } else { g }, v, rt.kind);
+        schemas.insert(name, json!({
+            "type": "object", "x-kubernetes-preserve-unknown-fields": true,
+            "x-kubernetes-group-version-kind": [gvk]
+        }));
+    }
+    if paths.is_empty() {
+        return Err(ApiError::not_found_path(&format!("/openapi/v3/{g}/{v}")));
+    }
+    Ok(respond(200, &json!({
+        "openapi": "3.0.0", "info": {"title": "meshd lab API server", "version": v},
+        "paths": paths, "components": {"schemas": schemas}
+    })))
 }
 
 fn api_group(g: &str, v: &str) -> Value {

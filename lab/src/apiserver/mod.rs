@@ -173,3 +173,39 @@ pub async fn run_lab_server(
     }
     Ok(())
 }
+
+/// A server on 127.0.0.1 with a fresh CA and an admin kubeconfig in `dir`: what the
+/// API-compatibility tests (and anything else that needs a control plane without a lab) use.
+pub struct LocalServer {
+    pub server: Arc<ApiServer>,
+    pub kubeconfig: std::path::PathBuf,
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn spawn_local(dir: &std::path::Path, history: usize) -> anyhow::Result<LocalServer> {
+    let certs = crate::pki::generate("local", &[std::net::Ipv4Addr::LOCALHOST.into()])?;
+    let token = crate::pki::token();
+    let mut config = default_config(certs.cert_pem.clone(), certs.key_pem.clone(), HashSet::from([token.clone()]));
+    config.history = history;
+    config.bookmark_interval = Duration::from_secs(1);
+    let server = ApiServer::new(config)?;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let port = listener.local_addr()?.port();
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let kc = crate::pki::kubeconfig("local", &format!("https://127.0.0.1:{port}"), &certs.ca_pem, "admin", &token);
+    crate::pki::write_private(&kubeconfig, kc.as_bytes())?;
+    let s = server.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = s.serve(listener).await {
+            warn!(error = %e, "local API server stopped");
+        }
+    });
+    Ok(LocalServer { server, kubeconfig, port, task })
+}
