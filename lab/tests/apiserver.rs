@@ -1,6 +1,8 @@
 //! The lab API server against real clients: the `kube` crate and `kubectl`, over HTTPS with
 //! bearer tokens, as they would talk to a Kubernetes API server.
 
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first surprise")]
+
 use std::process::Command;
 use std::time::Duration;
 

@@ -109,10 +109,9 @@ impl ApiServer {
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                     .await
+                    && !e.is_incomplete_message()
                 {
-                    if !e.is_incomplete_message() {
-                        warn!(%peer, error = %e, "connection ended with an error");
-                    }
+                    warn!(%peer, error = %e, "connection ended with an error");
                 }
             });
         }

@@ -1,0 +1,213 @@
+//! End-to-end: whole labs with the real `meshd` binary, real namespaces, real agents and real
+//! pings. These need root (CI has it); under CI=true a missing privilege is a failure.
+
+#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first surprise")]
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
+
+fn root_or_skip() -> bool {
+    let root = nix::unistd::Uid::effective().is_root();
+    if !root {
+        assert!(std::env::var("CI").is_err(), "lab tests need root, and CI runs as root");
+        eprintln!("SKIPPED: lab tests need root");
+    }
+    root
+}
+
+fn meshd(args: &[&str]) -> Output {
+    Command::new(MESHD).args(args).stdin(Stdio::null()).output().expect("running meshd")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = meshd(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "meshd {args:?} failed:\n{text}");
+    text
+}
+
+/// Tears the lab down even when the test fails.
+struct Lab(String);
+
+impl Lab {
+    fn up(name: &str, nodes: u8, pods: u8) -> Self {
+        let _ = meshd(&["lab", "down", "--name", name]);
+        ok(&["lab", "up", "--name", name, "--nodes", &nodes.to_string(), "--pods-per-node", &pods.to_string()]);
+        Self(name.to_string())
+    }
+
+    fn exec(&self, target: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["lab", "exec", "--name", &self.0, target, "--"];
+        args.extend_from_slice(cmd);
+        meshd(&args)
+    }
+
+    fn dir(&self) -> String {
+        format!("/run/meshd-lab/{}", self.0)
+    }
+
+    fn kubectl(&self, args: &[&str]) -> String {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(format!("{}/admin.kubeconfig", self.dir()))
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn routes(&self, node: &str) -> String {
+        String::from_utf8_lossy(&self.exec(node, &["ip", "route", "show", "proto", "193"]).stdout).into_owned()
+    }
+
+    fn agent_pid(&self, node: &str) -> i32 {
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", self.dir())).unwrap()).unwrap();
+        state["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["agent_pid"].as_i64().unwrap() as i32
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = meshd(&["lab", "down", "--name", &self.0]);
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Nothing of the lab remains: namespaces, processes, mounts, state.
+fn assert_gone(name: &str) {
+    let dir = format!("/run/meshd-lab/{name}");
+    let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
+    assert!(!netns.contains(&format!("meshd-{name}-")), "namespaces left: {netns}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&dir), "mounts left under {dir}");
+    assert!(!std::path::Path::new(&dir).exists(), "{dir} left");
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            assert!(!(cmd.contains(&dir) && cmd.contains("meshd")), "process left: {cmd}");
+        }
+    }
+}
+
+#[test]
+fn three_nodes_connect_survive_agent_restart_and_node_churn() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-churn", 3, 2);
+
+    // Every pod reaches every other pod, on the same node and across nodes.
+    let status = ok(&["lab", "status", "--name", &lab.0]);
+    assert!(status.contains("30 of 30 pod pairs reachable"), "{status}");
+    let nodes = lab.kubectl(&["get", "ciliumnodes", "-o", "custom-columns=NAME:.metadata.name,IP:.spec.addresses[0].ip,CIDR:.spec.ipam.podCIDRs[0]", "--no-headers"]);
+    assert_eq!(nodes.lines().count(), 3, "{nodes}");
+    assert!(nodes.contains("198.19.2.0/24"), "{nodes}");
+    let routes = lab.routes("node-1");
+    assert!(routes.contains("198.19.2.0/24 via 198.18.0.12") && routes.contains("198.19.3.0/24 via 198.18.0.13"), "{routes}");
+
+    // The agent's own view.
+    let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status", "-o", "json"]).stdout).into_owned();
+    let st: serde_json::Value = serde_json::from_str(&st).unwrap();
+    assert_eq!(st["kubernetes"]["state"], "ok");
+    assert_eq!(st["endpoints"], 2);
+    assert_eq!(st["nodes"].as_array().unwrap().len(), 2);
+
+    // Kill node-2's agent hard while pod-1a pings pod-2a every 20 ms; restart it.
+    let uid_before = lab.kubectl(&["get", "cn", "node-2", "-o", "jsonpath={.metadata.uid}"]);
+    let pinger = Command::new(MESHD)
+        .args(["lab", "exec", "--name", &lab.0, "pod-1a", "--", "ping", "-i", "0.02", "-c", "150", "-W", "1", "198.19.2.10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid("node-2")), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let log = format!("{}/nodes/node-2/agent.log", lab.dir());
+    let log_len = std::fs::metadata(&log).unwrap().len() as usize;
+    ok(&["lab", "agent", "--name", &lab.0, "start", "node-2"]);
+    let ping = pinger.wait_with_output().unwrap();
+    let ping = String::from_utf8_lossy(&ping.stdout).into_owned();
+    assert!(ping.contains("150 received"), "packets lost across the agent restart:\n{ping}");
+    // The restarted agent found its routes right and changed nothing; the object is the same.
+    std::thread::sleep(Duration::from_millis(500));
+    let after = std::fs::read_to_string(&log).unwrap()[log_len..].to_string();
+    assert!(after.contains("meshd agent starting"), "{after}");
+    assert!(!after.contains("route installed") && !after.contains("route removed"), "restart disturbed routes:\n{after}");
+    assert_eq!(lab.kubectl(&["get", "cn", "node-2", "-o", "jsonpath={.metadata.uid}"]), uid_before);
+    assert!(lab.routes("node-2").contains("198.19.1.0/24 via 198.18.0.11"));
+
+    // A node that leaves is removed everywhere; one that joins is routed everywhere.
+    ok(&["lab", "node", "delete", "--name", &lab.0, "node-3"]);
+    for n in ["node-1", "node-2"] {
+        wait_for(&format!("{n} to drop the route to node-3"), Duration::from_secs(5), || !lab.routes(n).contains("198.19.3.0/24"));
+    }
+    assert_eq!(lab.kubectl(&["get", "cn", "--no-headers", "-o", "name"]).lines().count(), 2);
+    ok(&["lab", "node", "add", "--name", &lab.0, "--index", "4", "--pods", "1"]);
+    let start = Instant::now();
+    for n in ["node-1", "node-2"] {
+        wait_for(&format!("{n} to route to node-4"), Duration::from_secs(2), || lab.routes(n).contains("198.19.4.0/24 via 198.18.0.14"));
+    }
+    eprintln!("node-4 routed everywhere {:?} after it was up", start.elapsed());
+    let status = ok(&["lab", "status", "--name", &lab.0]);
+    assert!(status.contains("20 of 20 pod pairs reachable"), "{status}");
+
+    let name = lab.0.clone();
+    drop(lab);
+    assert_gone(&name);
+}
+
+#[test]
+fn a_crashed_lab_is_still_cleanable() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-crash", 1, 1);
+    // Crash everything and lose the lab's state file.
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", lab.dir())).unwrap()).unwrap();
+    for pid in [state["apiserver_pid"].as_i64().unwrap(), state["nodes"][0]["agent_pid"].as_i64().unwrap()] {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    }
+    std::fs::remove_file(format!("{}/lab.json", lab.dir())).unwrap();
+    // Leave a stray process inside a node.
+    let _stray = Command::new(MESHD).args(["lab", "exec", "--name", "t-crash", "hub", "--", "sleep", "300"]).spawn();
+    let out = meshd(&["lab", "down", "--name", "t-crash"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::mem::forget(lab);
+    assert_gone("t-crash");
+}
+
+#[test]
+fn bad_cilium_node_is_refused_for_that_node_only() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-bad", 2, 1);
+    lab.kubectl(&["annotate", "cn", "node-2", "unrelated=1"]);
+    // A bogus CiliumNode from someone else must not break the agents.
+    let f = format!("{}/bogus.yaml", lab.dir());
+    std::fs::write(&f, "apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata:\n  name: bogus\nspec:\n  addresses:\n  - type: InternalIP\n    ip: not-an-ip\n").unwrap();
+    lab.kubectl(&["apply", "-f", &f]);
+    wait_for("node-1 to report the bogus node", Duration::from_secs(5), || {
+        let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
+        st.contains("bogus") && st.contains("spec.addresses[0].ip")
+    });
+    let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
+    assert!(st.contains("node-2\tOk"), "{st}");
+    let status = ok(&["lab", "status", "--name", &lab.0]);
+    assert!(status.contains("2 of 2 pod pairs reachable"), "{status}");
+    let log = std::fs::read_to_string(format!("{}/nodes/node-1/agent.log", lab.dir())).unwrap();
+    assert!(log.contains("bogus") && log.contains("invalid CiliumNode"), "{log}");
+}
