@@ -1,0 +1,398 @@
+//! The userspace WireGuard device: boringtun's sans-IO noise core (`Tunn`) driven by our own
+//! I/O loop over a TUN device and a UDP socket, configured through the WireGuard UAPI socket so
+//! that `wg show`/`wg set` work as with the kernel. It runs as its own process, so the agent can
+//! restart without interrupting traffic.
+//!
+//! Threads: TUN → UDP (encrypt), UDP → TUN (decrypt), timers, UAPI. Each peer's `Tunn` sits
+//! behind its own mutex, so the two directions run on separate cores.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use ipnet::IpNet;
+use tracing::{debug, info, warn};
+
+use crate::key::{PrivateKey, PublicKey};
+use crate::uapi::{self, DeviceInfo, DeviceUpdate, PeerInfo, Request};
+
+const MAX_PACKET: usize = 65_535;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("creating the TUN device {name}: {source}; is /dev/net/tun available and are we CAP_NET_ADMIN?")]
+    Tun { name: String, source: std::io::Error },
+    #[error("binding UDP port {port}: {source}")]
+    Udp { port: u16, source: std::io::Error },
+    #[error("serving the UAPI socket {path}: {source}")]
+    Uapi { path: PathBuf, source: std::io::Error },
+}
+
+struct Peer {
+    public_key: PublicKey,
+    index: u32,
+    tunn: Mutex<Tunn>,
+    endpoint: RwLock<Option<SocketAddr>>,
+    allowed_ips: RwLock<Vec<IpNet>>,
+    keepalive: u16,
+}
+
+impl Peer {
+    fn allows(&self, ip: IpAddr) -> bool {
+        self.allowed_ips.read().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    private: Option<PrivateKey>,
+    fwmark: u32,
+    peers: HashMap<PublicKey, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    next_index: u32,
+}
+
+impl State {
+    /// Longest-prefix match over every peer's AllowedIPs.
+    fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
+        let mut best: Option<(u8, &Arc<Peer>)> = None;
+        for p in self.peers.values() {
+            for n in p.allowed_ips.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                if n.contains(&dst) && best.is_none_or(|(len, _)| n.prefix_len() > len) {
+                    best = Some((n.prefix_len(), p));
+                }
+            }
+        }
+        best.map(|(_, p)| p.clone())
+    }
+}
+
+pub struct Device {
+    name: String,
+    listen_port: u16,
+    state: RwLock<State>,
+    udp: UdpSocket,
+    tun: std::fs::File,
+    stop: AtomicBool,
+}
+
+pub struct Options {
+    pub interface: String,
+    pub listen_port: u16,
+    pub uapi_socket: PathBuf,
+}
+
+impl Device {
+    fn state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn info(&self) -> DeviceInfo {
+        let st = self.state();
+        let now = SystemTime::now();
+        DeviceInfo {
+            public_key: st.private.as_ref().map(PrivateKey::public_key),
+            listen_port: self.listen_port,
+            fwmark: st.fwmark,
+            peers: st
+                .peers
+                .values()
+                .map(|p| {
+                    let (since, tx, rx, _, _) = p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                    PeerInfo {
+                        public_key: p.public_key,
+                        endpoint: *p.endpoint.read().unwrap_or_else(|e| e.into_inner()),
+                        allowed_ips: p.allowed_ips.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                        last_handshake: since.and_then(|d| now.checked_sub(d)),
+                        rx_bytes: rx as u64,
+                        tx_bytes: tx as u64,
+                        persistent_keepalive: p.keepalive,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn apply(&self, u: DeviceUpdate) -> Result<(), i32> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(port) = u.listen_port
+            && port != self.listen_port
+        {
+            warn!(port, bound = self.listen_port, "the listen port is fixed when the device starts");
+            return Err(libc::EINVAL);
+        }
+        if let Some(mark) = u.fwmark {
+            if let Err(e) = nix::sys::socket::setsockopt(&self.udp, nix::sys::socket::sockopt::Mark, &mark) {
+                warn!(error = %e, "setting the fwmark failed");
+                return Err(libc::EPERM);
+            }
+            st.fwmark = mark;
+        }
+        if let Some(hex) = &u.private_key {
+            let key = PrivateKey::from_hex(hex).ok_or(libc::EINVAL)?;
+            let public = x25519_dalek::PublicKey::from(key.secret());
+            for p in st.peers.values() {
+                p.tunn.lock().unwrap_or_else(|e| e.into_inner()).set_static_private(key.secret().clone(), public, None);
+            }
+            st.private = Some(key);
+        }
+        if u.replace_peers {
+            st.peers.clear();
+            st.by_index.clear();
+        }
+        for pu in u.peers {
+            let Some(pk) = pu.public_key else { continue };
+            if pu.remove {
+                if let Some(p) = st.peers.remove(&pk) {
+                    st.by_index.remove(&p.index);
+                }
+                continue;
+            }
+            let existing = st.peers.get(&pk).cloned();
+            let peer = match existing {
+                Some(p) => p,
+                None if pu.update_only => continue,
+                None => {
+                    st.next_index = (st.next_index + 1) & 0x00ff_ffff;
+                    let index = st.next_index;
+                    let Some(private) = st.private.as_ref() else {
+                        warn!("a peer was added before the private key; set private_key first");
+                        return Err(libc::EINVAL);
+                    };
+                    let tunn = Tunn::new(
+                        private.secret().clone(),
+                        x25519_dalek::PublicKey::from(pk.0),
+                        None,
+                        pu.persistent_keepalive.filter(|k| *k > 0),
+                        index,
+                        None,
+                    );
+                    let p = Arc::new(Peer {
+                        public_key: pk,
+                        index,
+                        tunn: Mutex::new(tunn),
+                        endpoint: RwLock::new(None),
+                        allowed_ips: RwLock::new(Vec::new()),
+                        keepalive: pu.persistent_keepalive.unwrap_or(0),
+                    });
+                    st.peers.insert(pk, p.clone());
+                    st.by_index.insert(index, p.clone());
+                    info!(peer = %pk, "peer added");
+                    p
+                }
+            };
+            if let Some(e) = pu.endpoint {
+                *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+            let mut allowed = peer.allowed_ips.write().unwrap_or_else(|e| e.into_inner());
+            if pu.replace_allowed_ips {
+                allowed.clear();
+            }
+            for a in pu.allowed_ips {
+                let a = a.trunc();
+                if !allowed.contains(&a) {
+                    allowed.push(a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, data: &[u8], to: SocketAddr) {
+        if let Err(e) = self.udp.send_to(data, to) {
+            debug!(%to, error = %e, "sending to a peer failed");
+        }
+    }
+
+    /// TUN → peer: encrypt what the kernel routes into the device.
+    fn tun_loop(&self) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET + 148];
+        let mut tun = &self.tun;
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = match tun.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!(error = %e, "reading from the TUN device failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let Some(dst) = Tunn::dst_address(&buf[..n]) else { continue };
+            let Some(peer) = self.state().route(dst) else { continue };
+            let Some(endpoint) = *peer.endpoint.read().unwrap_or_else(|e| e.into_inner()) else { continue };
+            let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&buf[..n], &mut out) {
+                self.send(d, endpoint);
+            }
+        }
+    }
+
+    /// UDP → TUN: authenticate, decrypt, check the source against the peer's AllowedIPs.
+    fn udp_loop(&self) {
+        let mut buf = vec![0u8; MAX_PACKET];
+        let mut out = vec![0u8; MAX_PACKET];
+        let mut tun = &self.tun;
+        while !self.stop.load(Ordering::Relaxed) {
+            let (n, src) = match self.udp.recv_from(&mut buf) {
+                Ok(r) => r,
+                Err(e) => {
+                    debug!(error = %e, "receiving failed");
+                    continue;
+                }
+            };
+            let Ok(packet) = Tunn::parse_incoming_packet(&buf[..n]) else { continue };
+            let peer = {
+                let st = self.state();
+                match packet {
+                    Packet::HandshakeInit(p) => {
+                        let Some(private) = st.private.as_ref() else { continue };
+                        let public = x25519_dalek::PublicKey::from(private.secret());
+                        match parse_handshake_anon(private.secret(), &public, &p) {
+                            Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
+                            Err(_) => None,
+                        }
+                    }
+                    Packet::HandshakeResponse(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                    Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                    Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                }
+            };
+            let Some(peer) = peer else { continue };
+            let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+            match tunn.decapsulate(Some(src.ip()), &buf[..n], &mut out) {
+                TunnResult::WriteToNetwork(d) => {
+                    self.send(d, src);
+                    // Flush packets that waited for the handshake.
+                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut out) {
+                        self.send(d, src);
+                    }
+                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
+                }
+                TunnResult::WriteToTunnelV4(d, addr) if peer.allows(IpAddr::V4(addr)) => {
+                    let _ = tun.write(d);
+                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
+                }
+                TunnResult::WriteToTunnelV6(d, addr) if peer.allows(IpAddr::V6(addr)) => {
+                    let _ = tun.write(d);
+                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
+                }
+                TunnResult::WriteToTunnelV4(_, addr) => debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs"),
+                TunnResult::WriteToTunnelV6(_, addr) => debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs"),
+                TunnResult::Err(e) => debug!(peer = %peer.public_key, error = ?e, "packet refused"),
+                TunnResult::Done => {
+                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
+                }
+            }
+        }
+    }
+
+    fn timer_loop(&self) {
+        let mut out = vec![0u8; MAX_PACKET];
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            let peers: Vec<Arc<Peer>> = self.state().peers.values().cloned().collect();
+            for p in peers {
+                let Some(endpoint) = *p.endpoint.read().unwrap_or_else(|e| e.into_inner()) else { continue };
+                let mut tunn = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
+                if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut out) {
+                    self.send(d, endpoint);
+                }
+            }
+        }
+    }
+
+    fn uapi_loop(&self, listener: UnixListener) {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let Ok(read_half) = conn.try_clone() else { continue };
+            let mut reader = BufReader::new(read_half);
+            loop {
+                let answer = match uapi::read_request(&mut reader) {
+                    Ok(None) => break,
+                    Ok(Some(Request::Get)) => {
+                        let st_key = self.state().private.as_ref().map(|k| PrivateKey::from_bytes(k.secret().to_bytes()));
+                        self.info().to_text(st_key.as_ref())
+                    }
+                    Ok(Some(Request::Set(lines))) => {
+                        let errno = match DeviceUpdate::parse(&lines) {
+                            Ok(u) => match self.apply(u) {
+                                Ok(()) => 0,
+                                Err(e) => e,
+                            },
+                            Err(e) => {
+                                warn!(error = %e, "refused a UAPI request");
+                                libc::EINVAL
+                            }
+                        };
+                        zeroize::Zeroizing::new(format!("errno={errno}\n\n"))
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "refused a UAPI request");
+                        zeroize::Zeroizing::new(format!("errno={}\n\n", libc::EINVAL))
+                    }
+                };
+                if conn.write_all(answer.as_bytes()).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Creates the device and serves it until SIGTERM/SIGINT.
+pub fn run(opts: Options) -> Result<(), DeviceError> {
+    let tun = crate::tun::open(&opts.interface).map_err(|source| DeviceError::Tun { name: opts.interface.clone(), source })?;
+    let udp = UdpSocket::bind(("0.0.0.0", opts.listen_port)).map_err(|source| DeviceError::Udp { port: opts.listen_port, source })?;
+    let uapi_err = |source| DeviceError::Uapi { path: opts.uapi_socket.clone(), source };
+    if let Some(dir) = opts.uapi_socket.parent() {
+        std::fs::create_dir_all(dir).map_err(uapi_err)?;
+    }
+    let _ = std::fs::remove_file(&opts.uapi_socket);
+    let listener = UnixListener::bind(&opts.uapi_socket).map_err(uapi_err)?;
+    std::fs::set_permissions(&opts.uapi_socket, std::fs::Permissions::from_mode(0o600)).map_err(uapi_err)?;
+    let dev = Arc::new(Device {
+        name: opts.interface.clone(),
+        listen_port: opts.listen_port,
+        state: RwLock::new(State::default()),
+        udp,
+        tun,
+        stop: AtomicBool::new(false),
+    });
+    info!(interface = %dev.name, port = opts.listen_port, socket = %opts.uapi_socket.display(), "userspace WireGuard device up");
+    // Block the stop signals before any thread starts, so every thread inherits the mask and
+    // the signal is taken only by the wait below.
+    let mut signals = nix::sys::signal::SigSet::empty();
+    signals.add(nix::sys::signal::Signal::SIGTERM);
+    signals.add(nix::sys::signal::Signal::SIGINT);
+    let _ = signals.thread_block();
+    let spawn = |name: &str, f: fn(&Device)| {
+        let d = dev.clone();
+        std::thread::Builder::new().name(name.into()).spawn(move || f(&d))
+    };
+    let threads = [
+        spawn("wg-tun", Device::tun_loop),
+        spawn("wg-udp", Device::udp_loop),
+        spawn("wg-timers", Device::timer_loop),
+    ];
+    if let Some(e) = threads.iter().find_map(|t| t.as_ref().err()) {
+        return Err(DeviceError::Tun { name: opts.interface.clone(), source: std::io::Error::other(e.to_string()) });
+    }
+    {
+        let d = dev.clone();
+        std::thread::spawn(move || d.uapi_loop(listener));
+    }
+    let sig = signals.wait();
+    info!(?sig, "stopping the userspace WireGuard device");
+    dev.stop.store(true, Ordering::Relaxed);
+    let _ = std::fs::remove_file(&opts.uapi_socket);
+    Ok(())
+}
