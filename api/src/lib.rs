@@ -53,6 +53,35 @@ pub struct NodeStatus {
     pub routes: ComponentStatus,
 }
 
+/// One WireGuard peer (or a node refused one), for `meshd encrypt status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WireguardPeer {
+    pub node: String,
+    pub public_key: Option<String>,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last handshake, if there was one.
+    pub last_handshake_seconds: Option<u64>,
+    pub transfer_rx: u64,
+    pub transfer_tx: u64,
+    /// `up`, `waiting for handshake`, or `refused: <why>`.
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WireguardStatus {
+    /// `kernel` or `userspace`.
+    pub backend: String,
+    pub interface: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub node_encryption: bool,
+    /// Configured peers (those that were refused are listed with their reason, not counted).
+    pub peers: Vec<WireguardPeer>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
@@ -63,6 +92,8 @@ pub struct Status {
     pub pod_cidrs: Vec<String>,
     /// The `Encryption:` line's content after the tab, e.g. `Disabled`.
     pub encryption: String,
+    #[serde(default)]
+    pub wireguard: Option<WireguardStatus>,
     pub nodes: Vec<NodeStatus>,
     pub endpoints: usize,
     /// Seconds since the agent started.

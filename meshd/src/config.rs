@@ -73,6 +73,10 @@ pub struct AgentConfig {
     #[arg(long, env = "MESHD_ENABLE_WIREGUARD_USERSPACE_FALLBACK", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub enable_wireguard_userspace_fallback: bool,
 
+    /// WireGuard persistent keepalive (Helm: encryption.wireguard.persistentKeepalive); 0s = off.
+    #[arg(long, env = "MESHD_WIREGUARD_PERSISTENT_KEEPALIVE", value_parser = parse_duration)]
+    pub wireguard_persistent_keepalive: Option<Duration>,
+
     /// Encrypt traffic between nodes with IPsec.
     #[arg(long, env = "MESHD_ENABLE_IPSEC", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub enable_ipsec: bool,
@@ -188,11 +192,9 @@ impl AgentConfig {
         if self.enable_wireguard && self.enable_ipsec {
             return Err(ConfigError::Invalid("enable-wireguard and enable-ipsec are mutually exclusive".into()));
         }
-        if self.enable_wireguard || self.enable_ipsec {
+        if self.enable_ipsec {
             return Err(ConfigError::Invalid(
-                "encryption (enable-wireguard / enable-ipsec) is not available in this build of meshd yet; \
-                 start the agent without it"
-                    .into(),
+                "IPsec (enable-ipsec) is not available in this build of meshd yet; use enable-wireguard".into(),
             ));
         }
         if self.route_sync_interval < Duration::from_secs(1) {

@@ -33,6 +33,19 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Encryption status (as `cilium encrypt status`).
+    Encrypt {
+        #[command(subcommand)]
+        command: cli::EncryptCommand,
+    },
+    /// Internal: the userspace WireGuard device process (started by the agent).
+    #[command(hide = true)]
+    WireguardUserspace {
+        #[arg(long, default_value = wg::INTERFACE)]
+        interface: String,
+        #[arg(long, default_value_t = wg::LISTEN_PORT)]
+        listen_port: u16,
+    },
     /// Local endpoints.
     Endpoint {
         #[command(subcommand)]
@@ -82,6 +95,13 @@ fn main() -> std::process::ExitCode {
                 Command::Agent(_) => Err(anyhow::anyhow!("`agent` must be the first argument")),
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
+                Command::Encrypt { command } => cli::encrypt(command).await,
+                Command::WireguardUserspace { interface, listen_port } => {
+                    let socket = wg::uapi::socket_path(&interface);
+                    tokio::task::spawn_blocking(move || wg::userspace::run(wg::userspace::Options { interface, listen_port, uapi_socket: socket }))
+                        .await?
+                        .map_err(Into::into)
+                }
                 Command::Lab { command } => cli::lab::run(command).await,
             }
         })

@@ -32,9 +32,9 @@ fn ok(args: &[&str]) -> String {
 struct Lab(String);
 
 impl Lab {
-    fn up(name: &str, nodes: u8, pods: u8) -> Self {
+    fn up(name: &str, nodes: u8, pods: u8, encryption: &str) -> Self {
         let _ = meshd(&["lab", "down", "--name", name]);
-        ok(&["lab", "up", "--name", name, "--nodes", &nodes.to_string(), "--pods-per-node", &pods.to_string()]);
+        ok(&["lab", "up", "--name", name, "--nodes", &nodes.to_string(), "--pods-per-node", &pods.to_string(), "--encryption", encryption]);
         Self(name.to_string())
     }
 
@@ -108,7 +108,7 @@ fn three_nodes_connect_survive_agent_restart_and_node_churn() {
     if !root_or_skip() {
         return;
     }
-    let lab = Lab::up("t-churn", 3, 2);
+    let lab = Lab::up("t-churn", 3, 2, "none");
 
     // Every pod reaches every other pod, on the same node and across nodes.
     let status = ok(&["lab", "status", "--name", &lab.0]);
@@ -174,7 +174,7 @@ fn a_crashed_lab_is_still_cleanable() {
     if !root_or_skip() {
         return;
     }
-    let lab = Lab::up("t-crash", 1, 1);
+    let lab = Lab::up("t-crash", 1, 1, "wireguard");
     // Crash everything and lose the lab's state file.
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", lab.dir())).unwrap()).unwrap();
     for pid in [state["apiserver_pid"].as_i64().unwrap(), state["nodes"][0]["agent_pid"].as_i64().unwrap()] {
@@ -194,7 +194,7 @@ fn bad_cilium_node_is_refused_for_that_node_only() {
     if !root_or_skip() {
         return;
     }
-    let lab = Lab::up("t-bad", 2, 1);
+    let lab = Lab::up("t-bad", 2, 1, "none");
     lab.kubectl(&["annotate", "cn", "node-2", "unrelated=1"]);
     // A bogus CiliumNode from someone else must not break the agents.
     let f = format!("{}/bogus.yaml", lab.dir());

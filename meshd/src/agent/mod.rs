@@ -6,6 +6,7 @@ mod api;
 pub mod endpoints;
 pub mod nodes;
 pub mod routes;
+pub mod wireguard;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -38,6 +39,68 @@ pub struct AgentState {
     pub own: OwnNode,
     /// The own CiliumNode as last seen by the watcher.
     pub own_object: Option<DynamicObject>,
+    pub wg: Option<WgView>,
+}
+
+/// What the WireGuard reconciler last saw and did.
+pub struct WgView {
+    pub backend: wireguard::Backend,
+    pub public_key: String,
+    pub node_encryption: bool,
+    pub peers: wg::peers::PeerSet,
+    pub device: wg::uapi::DeviceInfo,
+}
+
+impl WgView {
+    fn status(&self) -> meshd_api::WireguardStatus {
+        let now = std::time::SystemTime::now();
+        let mut peers: Vec<meshd_api::WireguardPeer> = self
+            .peers
+            .peers
+            .iter()
+            .map(|(key, want)| {
+                let have = self.device.peers.iter().find(|p| p.public_key == *key);
+                let age = have.and_then(|h| h.last_handshake).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs());
+                let state = match age {
+                    Some(a) if a <= 180 => "up".to_string(),
+                    Some(_) => "stale: no handshake for 3 minutes".to_string(),
+                    None => "waiting for handshake".to_string(),
+                };
+                meshd_api::WireguardPeer {
+                    node: want.node.clone(),
+                    public_key: Some(key.to_base64()),
+                    endpoint: Some(want.endpoint.to_string()),
+                    allowed_ips: want.allowed_ips.iter().map(ToString::to_string).collect(),
+                    last_handshake_seconds: age,
+                    transfer_rx: have.map_or(0, |h| h.rx_bytes),
+                    transfer_tx: have.map_or(0, |h| h.tx_bytes),
+                    state,
+                }
+            })
+            .collect();
+        peers.extend(self.peers.refused.iter().map(|(node, why)| meshd_api::WireguardPeer {
+            node: node.clone(),
+            public_key: None,
+            endpoint: None,
+            allowed_ips: vec![],
+            last_handshake_seconds: None,
+            transfer_rx: 0,
+            transfer_tx: 0,
+            state: format!("refused: {why}"),
+        }));
+        peers.sort_by(|a, b| a.node.cmp(&b.node));
+        meshd_api::WireguardStatus {
+            backend: match self.backend {
+                wireguard::Backend::Kernel => "kernel".into(),
+                wireguard::Backend::Userspace => "userspace".into(),
+            },
+            interface: wg::INTERFACE.into(),
+            public_key: self.public_key.clone(),
+            listen_port: wg::LISTEN_PORT,
+            node_encryption: self.node_encryption,
+            peers,
+        }
+    }
 }
 
 pub struct Shared {
@@ -102,13 +165,27 @@ impl Shared {
                 routes: ComponentStatus { state: Health::Failure, message: format!("invalid: {}: {}", e.field, e.message) },
             }))
             .collect();
+        let wireguard = s.wg.as_ref().map(WgView::status);
+        let encryption = match &wireguard {
+            // Cilium's `Encryption:` line, after its tab.
+            Some(w) => format!(
+                "Wireguard\t[NodeEncryption: {}, {} (Pubkey: {}, Port: {}, Peers: {})]",
+                if w.node_encryption { "Enabled" } else { "Disabled" },
+                w.interface,
+                w.public_key,
+                w.listen_port,
+                s.wg.as_ref().map_or(0, |v| v.peers.peers.len()),
+            ),
+            None => "Disabled".into(),
+        };
         Status {
             node_name: s.own.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             kubernetes,
             node_addresses: vec![s.own.internal_ip],
             pod_cidrs: s.own.pod_cidrs.clone(),
-            encryption: "Disabled".into(),
+            encryption,
+            wireguard,
             nodes,
             endpoints: s.endpoints.len(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -177,11 +254,13 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client, &nodes::cilium_node_resource());
     let routes = RouteManager::new()?;
     let endpoints = EndpointStore::load(&cfg.state_dir)?;
+    let wg = if cfg.enable_wireguard { Some(Arc::new(wireguard::WireGuard::start(&cfg, ip).await?)) } else { None };
     let own = OwnNode {
         name: node_name.clone(),
         internal_ip: IpAddr::V4(ip),
         pod_cidrs: cfg.ipv4_range.iter().map(ToString::to_string).collect(),
         boot_id: boot_id(),
+        wg_public_key: wg.as_ref().map(|w| w.public_key.to_base64()),
     };
     info!(node = %node_name, ip = %ip, pod_cidrs = ?own.pod_cidrs, "meshd agent starting");
     let shared = Arc::new(Shared {
@@ -196,6 +275,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             endpoints,
             own,
             own_object: None,
+            wg: None,
         }),
         wake: Notify::new(),
     });
@@ -205,7 +285,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tasks.spawn(api::serve(listener, shared.clone()));
     tasks.spawn(watch_nodes(api.clone(), shared.clone()));
     tasks.spawn(publish_own_node(api, shared.clone()));
-    tasks.spawn(reconcile_routes(routes, shared.clone(), cfg.route_sync_interval));
+    tasks.spawn(reconcile_datapath(routes, wg, shared.clone(), cfg.route_sync_interval));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -321,13 +401,30 @@ async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
     }
 }
 
-async fn reconcile_routes(routes: RouteManager, shared: Arc<Shared>, every: Duration) {
+/// Peers first, then routes: a remote pod CIDR is routed into the WireGuard device only once
+/// the device knows where to send it.
+async fn reconcile_datapath(routes: RouteManager, wg: Option<Arc<wireguard::WireGuard>>, shared: Arc<Shared>, every: Duration) {
     loop {
         let wake = shared.wake.notified();
-        let (desired, synced) = {
+        let (desired, synced, claims) = {
             let s = shared.lock();
-            (routes::desired(&s.table, &s.own.name), s.synced)
+            let device = wg.as_ref().map(|w| w.ifindex);
+            (routes::desired(&s.table, &s.own.name, device), s.synced, wg.as_ref().map(|w| w.claims(&s.table, &s.own.name)))
         };
+        if let (Some(w), Some(claims), true) = (&wg, claims, synced) {
+            match w.reconcile(claims).await {
+                Ok((peers, device)) => {
+                    shared.lock().wg = Some(WgView {
+                        backend: w.backend,
+                        public_key: w.public_key.to_base64(),
+                        node_encryption: w.node_encryption,
+                        peers,
+                        device,
+                    });
+                }
+                Err(e) => warn!(error = %e, "WireGuard peer reconciliation failed; retrying"),
+            }
+        }
         // Before the first full list, an empty table would remove every route: wait.
         if synced {
             match routes.reconcile(&desired).await {
@@ -343,7 +440,7 @@ async fn reconcile_routes(routes: RouteManager, shared: Arc<Shared>, every: Dura
                         let mut s = shared.lock();
                         let gw_to_node: BTreeMap<IpAddr, String> =
                             s.table.nodes.values().filter_map(|n| n.internal_ip.map(|ip| (ip, n.name.clone()))).collect();
-                        if let routes::RouteError::Add { gateway, .. } = &e
+                        if let routes::RouteError::Add { hop: routes::NextHop::Gateway(gateway), .. } = &e
                             && let Some(n) = gw_to_node.get(&IpAddr::V4(*gateway))
                         {
                             s.route_errors.insert(n.clone(), e.to_string());
@@ -354,9 +451,11 @@ async fn reconcile_routes(routes: RouteManager, shared: Arc<Shared>, every: Dura
                 }
             }
         }
+        // With WireGuard, refresh handshake ages and counters for status more often.
+        let tick = if wg.is_some() { every.min(Duration::from_secs(5)) } else { every };
         tokio::select! {
             _ = wake => {}
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(tick) => {}
         }
     }
 }

@@ -51,6 +51,8 @@ pub struct Node {
     pub internal_ip: Option<IpAddr>,
     pub pod_cidrs: Vec<ipnet::IpNet>,
     pub annotations: BTreeMap<String, String>,
+    /// creationTimestamp, for ordering claims (older wins).
+    pub created: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -89,6 +91,7 @@ impl Node {
             internal_ip,
             pod_cidrs,
             annotations: obj.metadata.annotations.clone().unwrap_or_default(),
+            created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
         })
     }
 }
@@ -129,6 +132,8 @@ pub struct OwnNode {
     pub internal_ip: IpAddr,
     pub pod_cidrs: Vec<String>,
     pub boot_id: String,
+    /// Published as `network.cilium.io/wg-pub-key` with `spec.encryption.key = 255`.
+    pub wg_public_key: Option<String>,
 }
 
 impl OwnNode {
@@ -140,14 +145,28 @@ impl OwnNode {
         if !self.pod_cidrs.is_empty() {
             spec["ipam"] = json!({"podCIDRs": self.pod_cidrs});
         }
+        if self.wg_public_key.is_some() {
+            spec["encryption"] = json!({"key": super::wireguard::STATIC_ENCRYPT_KEY});
+        }
         spec
+    }
+
+    fn annotations(&self) -> Value {
+        match &self.wg_public_key {
+            Some(k) => json!({"network.cilium.io/wg-pub-key": k}),
+            None => json!({}),
+        }
     }
 
     /// Whether the object already says what we would publish.
     pub fn is_published_in(&self, obj: &DynamicObject) -> bool {
         let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
         let want = self.spec_patch();
-        want.as_object().is_some_and(|w| w.iter().all(|(k, v)| spec.get(k) == Some(v)))
+        let annotations = obj.metadata.annotations.clone().unwrap_or_default();
+        let annotated = self.annotations().as_object().is_some_and(|a| {
+            a.iter().all(|(k, v)| annotations.get(k).map(String::as_str) == v.as_str())
+        });
+        annotated && want.as_object().is_some_and(|w| w.iter().all(|(k, v)| spec.get(k) == Some(v)))
     }
 
     /// Creates the CiliumNode, or patches the fields this agent owns (leaving the rest alone).
@@ -155,11 +174,12 @@ impl OwnNode {
         match api.get_opt(&self.name).await? {
             Some(obj) if self.is_published_in(&obj) => Ok(()),
             Some(_) => {
-                let patch = json!({"spec": self.spec_patch()});
+                let patch = json!({"metadata": {"annotations": self.annotations()}, "spec": self.spec_patch()});
                 api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
             }
             None => {
                 let mut obj = DynamicObject::new(&self.name, &cilium_node_resource());
+                obj.metadata.annotations = serde_json::from_value(self.annotations()).ok();
                 obj.data = json!({"spec": self.spec_patch()});
                 match api.create(&PostParams::default(), &obj).await {
                     Ok(_) => Ok(()),

@@ -21,23 +21,42 @@ pub enum RouteError {
     Socket(#[source] std::io::Error),
     #[error("listing routes failed: {0}")]
     List(#[source] rtnetlink::Error),
-    #[error("installing the route to {dst} via {gateway} failed: {source}")]
-    Add { dst: Ipv4Net, gateway: Ipv4Addr, source: rtnetlink::Error },
+    #[error("installing the route to {dst} {hop} failed: {source}")]
+    Add { dst: Ipv4Net, hop: NextHop, source: rtnetlink::Error },
     #[error("removing the route to {dst} failed: {source}")]
     Remove { dst: Ipv4Net, source: rtnetlink::Error },
 }
 
-/// Destination → gateway.
-pub type RouteSet = BTreeMap<Ipv4Net, Ipv4Addr>;
+/// Where a route sends traffic: directly to the node over the underlay, or into a device
+/// (the WireGuard interface).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NextHop {
+    Gateway(Ipv4Addr),
+    Device(u32),
+}
 
-/// The routes this node should have: every other node's IPv4 pod CIDRs via its InternalIP.
-pub fn desired(table: &NodeTable, own_node: &str) -> RouteSet {
+impl std::fmt::Display for NextHop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Gateway(g) => write!(f, "via {g}"),
+            Self::Device(i) => write!(f, "dev #{i}"),
+        }
+    }
+}
+
+/// Destination → next hop.
+pub type RouteSet = BTreeMap<Ipv4Net, NextHop>;
+
+/// The routes this node should have: every other node's IPv4 pod CIDRs, via its InternalIP,
+/// or into `device` (the encrypting interface) when one is given.
+pub fn desired(table: &NodeTable, own_node: &str, device: Option<u32>) -> RouteSet {
     let mut out = RouteSet::new();
     for n in table.nodes.values().filter(|n| n.name != own_node) {
         let Some(IpAddr::V4(gw)) = n.internal_ip else { continue };
+        let hop = device.map_or(NextHop::Gateway(gw), NextHop::Device);
         for cidr in &n.pod_cidrs {
             if let ipnet::IpNet::V4(v4) = cidr {
-                out.insert(*v4, gw);
+                out.insert(*v4, hop);
             }
         }
     }
@@ -46,8 +65,8 @@ pub fn desired(table: &NodeTable, own_node: &str) -> RouteSet {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Add(Ipv4Net, Ipv4Addr),
-    Replace(Ipv4Net, Ipv4Addr),
+    Add(Ipv4Net, NextHop),
+    Replace(Ipv4Net, NextHop),
     Remove(Ipv4Net),
 }
 
@@ -69,12 +88,14 @@ pub struct RouteManager {
     handle: Handle,
 }
 
-fn route_message(dst: Ipv4Net, gw: Option<Ipv4Addr>) -> RouteMessage {
+fn route_message(dst: Ipv4Net, hop: Option<NextHop>) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.addr(), dst.prefix_len())
         .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
-    if let Some(gw) = gw {
-        b = b.gateway(gw);
+    match hop {
+        Some(NextHop::Gateway(gw)) => b = b.gateway(gw),
+        Some(NextHop::Device(i)) => b = b.output_interface(i).scope(rtnetlink::packet_route::route::RouteScope::Link),
+        None => {}
     }
     b.build()
 }
@@ -96,23 +117,23 @@ impl RouteManager {
             }
             let mut dst = None;
             let mut gw = None;
+            let mut oif = None;
             for a in &msg.attributes {
                 match a {
                     RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }
             }
-            if let (Some(d), Some(g)) = (dst, gw)
-                && let Ok(net) = Ipv4Net::new(d, msg.header.destination_prefix_length)
-            {
-                out.insert(net, g);
-            } else if let Some(d) = dst
-                && let Ok(net) = Ipv4Net::new(d, msg.header.destination_prefix_length)
-            {
-                // Ours but without a gateway: wrong, so it must be replaced.
-                out.insert(net, Ipv4Addr::UNSPECIFIED);
-            }
+            let Some(net) = dst.and_then(|d| Ipv4Net::new(d, msg.header.destination_prefix_length).ok()) else { continue };
+            let hop = match (gw, oif) {
+                (Some(g), _) => NextHop::Gateway(g),
+                (None, Some(i)) => NextHop::Device(i),
+                // Ours but unusable: record it so that it gets replaced.
+                (None, None) => NextHop::Gateway(Ipv4Addr::UNSPECIFIED),
+            };
+            out.insert(net, hop);
         }
         Ok(out)
     }
@@ -123,15 +144,15 @@ impl RouteManager {
         let changes = plan(&installed, desired);
         for c in &changes {
             match *c {
-                Change::Add(dst, gw) | Change::Replace(dst, gw) => {
+                Change::Add(dst, hop) | Change::Replace(dst, hop) => {
                     self.handle
                         .route()
-                        .add(route_message(dst, Some(gw)))
+                        .add(route_message(dst, Some(hop)))
                         .replace()
                         .execute()
                         .await
-                        .map_err(|source| RouteError::Add { dst, gateway: gw, source })?;
-                    tracing::info!(%dst, via = %gw, "route installed");
+                        .map_err(|source| RouteError::Add { dst, hop, source })?;
+                    tracing::info!(%dst, %hop, "route installed");
                 }
                 Change::Remove(dst) => {
                     self.handle
@@ -155,8 +176,8 @@ mod tests {
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
-    fn ip(s: &str) -> Ipv4Addr {
-        s.parse().unwrap()
+    fn ip(s: &str) -> NextHop {
+        NextHop::Gateway(s.parse().unwrap())
     }
 
     #[test]

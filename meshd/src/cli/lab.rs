@@ -17,6 +17,9 @@ pub enum LabCommand {
         nodes: u8,
         #[arg(long, default_value_t = 2)]
         pods_per_node: u8,
+        /// Encryption between nodes: WireGuard (userspace where the kernel has no module) or none.
+        #[arg(long, default_value = "wireguard", value_parser = ["wireguard", "none"])]
+        encryption: String,
         /// Extra flags for every agent (e.g. `--agent-arg=--route-sync-interval=5s`).
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
@@ -126,8 +129,11 @@ fn need_root() -> Result<()> {
 
 pub async fn run(cmd: LabCommand) -> Result<()> {
     match cmd {
-        LabCommand::Up { name, nodes, pods_per_node, agent_args } => {
+        LabCommand::Up { name, nodes, pods_per_node, encryption, mut agent_args } => {
             need_root()?;
+            if encryption == "wireguard" {
+                agent_args.splice(0..0, ["--enable-wireguard".to_string(), "--enable-wireguard-userspace-fallback".to_string()]);
+            }
             let meshd = std::env::current_exe().context("locating the meshd binary")?;
             let lab = topology::up(&UpOptions { name, nodes, pods_per_node, agent_args }, &meshd).await?;
             println!("lab {:?} is up: {} nodes, {} pods", lab.name, lab.nodes.len(), lab.pods().count());

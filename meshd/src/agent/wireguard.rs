@@ -1,0 +1,220 @@
+//! WireGuard between nodes: chooses the backend, owns the key, keeps the userspace device
+//! process running (adopting one that survived an agent restart), sets the interface up with
+//! the right MTU, and reconciles peers from the node table.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures::TryStreamExt as _;
+use rtnetlink::LinkUnspec;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use tracing::{info, warn};
+use wg::key::{PrivateKey, PublicKey};
+use wg::peers::{NodeClaim, PeerSet};
+use wg::uapi::{self, DeviceInfo, DeviceUpdate};
+
+use super::nodes::NodeTable;
+use crate::config::AgentConfig;
+
+pub const ANNOTATION: &str = "network.cilium.io/wg-pub-key";
+pub const LEGACY_ANNOTATION: &str = "io.cilium.network.wg-pub-key";
+/// `spec.encryption.key` that marks WireGuard (Cilium's StaticEncryptKey).
+pub const STATIC_ENCRYPT_KEY: u8 = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[expect(dead_code, reason = "selected once the kernel (generic netlink) backend lands")]
+    Kernel,
+    Userspace,
+}
+
+pub fn kernel_has_wireguard() -> bool {
+    Path::new("/sys/module/wireguard").exists()
+        || std::process::Command::new("modprobe").arg("wireguard").output().is_ok_and(|o| o.status.success())
+}
+
+/// Picks the backend the way the Helm values say: kernel if the module exists; userspace only
+/// when `enable-wireguard-userspace-fallback` is set.
+pub fn select_backend(kernel: bool, fallback: bool) -> Result<Backend> {
+    match (kernel, fallback) {
+        // The kernel backend is not built yet: use the userspace one only when allowed.
+        (true, true) => Ok(Backend::Userspace),
+        (true, false) => bail!(
+            "the kernel has WireGuard, but this build of meshd has no kernel backend yet; \
+             set enable-wireguard-userspace-fallback=true to use the userspace backend"
+        ),
+        (false, true) => Ok(Backend::Userspace),
+        (false, false) => bail!(
+            "the kernel has no WireGuard module (modprobe wireguard failed) and \
+             enable-wireguard-userspace-fallback is false; install the module or enable the userspace fallback \
+             (Helm: encryption.wireguard.userspaceFallback=true)"
+        ),
+    }
+}
+
+pub struct WireGuard {
+    pub backend: Backend,
+    pub public_key: PublicKey,
+    pub ifindex: u32,
+    pub node_encryption: bool,
+    pub keepalive: Option<u16>,
+    socket: PathBuf,
+}
+
+async fn link_index_mtu(handle: &rtnetlink::Handle, name: Option<&str>, index: Option<u32>) -> Result<(u32, u32)> {
+    let mut req = handle.link().get();
+    if let Some(n) = name {
+        req = req.match_name(n.to_string());
+    }
+    if let Some(i) = index {
+        req = req.match_index(i);
+    }
+    let msg = req.execute().try_next().await?.context("no such link")?;
+    let mtu = msg.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }).unwrap_or(1500);
+    Ok((msg.header.index, mtu))
+}
+
+async fn underlay_mtu(handle: &rtnetlink::Handle, node_ip: Ipv4Addr) -> Result<u32> {
+    let mut dump = handle.address().get().execute();
+    while let Some(msg) = dump.try_next().await? {
+        if msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip)) {
+            return Ok(link_index_mtu(handle, None, Some(msg.header.index)).await?.1);
+        }
+    }
+    bail!("no interface has the node address {node_ip}")
+}
+
+impl WireGuard {
+    pub async fn start(cfg: &AgentConfig, node_ip: Ipv4Addr) -> Result<Self> {
+        let backend = select_backend(kernel_has_wireguard(), cfg.enable_wireguard_userspace_fallback)?;
+        let key = PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
+        let public_key = key.public_key();
+        let socket = uapi::socket_path(wg::INTERFACE);
+        let device = match tokio::task::spawn_blocking({
+            let c = uapi::Client::new(&socket);
+            move || c.get()
+        })
+        .await?
+        {
+            Ok(d) => {
+                info!(interface = wg::INTERFACE, "adopting the running userspace WireGuard device");
+                d
+            }
+            Err(_) => {
+                spawn_userspace_device(&cfg.state_dir)?;
+                wait_for_device(&socket).await?
+            }
+        };
+        // Setting the key resets every session: only when it differs (a restart keeps it).
+        let mut update = DeviceUpdate { fwmark: Some(wg::FWMARK), ..Default::default() };
+        if device.public_key != Some(public_key) {
+            info!(public_key = %public_key, "installing the node's WireGuard key");
+            update = update.with_private_key(&key);
+        }
+        let c = uapi::Client::new(&socket);
+        tokio::task::spawn_blocking(move || c.set(&update)).await??;
+
+        let (conn, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(conn);
+        let mtu = underlay_mtu(&handle, node_ip).await.unwrap_or(1500) - wg::OVERHEAD;
+        let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
+        if current_mtu != mtu {
+            handle.link().set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build()).execute().await?;
+        }
+        handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
+        task.abort();
+        info!(?backend, interface = wg::INTERFACE, mtu, public_key = %public_key, "WireGuard ready");
+        let keepalive = cfg.wireguard_persistent_keepalive.map(|d| d.as_secs().min(u16::MAX as u64) as u16).filter(|k| *k > 0);
+        Ok(Self { backend, public_key, ifindex, node_encryption: cfg.enable_node_encryption, keepalive, socket })
+    }
+
+    /// Every other node's claim on a peer.
+    pub fn claims(&self, table: &NodeTable, own: &str) -> Vec<NodeClaim> {
+        table
+            .nodes
+            .values()
+            .filter(|n| n.name != own)
+            .map(|n| {
+                let mut allowed: Vec<ipnet::IpNet> = n.pod_cidrs.clone();
+                if self.node_encryption {
+                    allowed.extend(n.addresses.iter().map(|ip| ipnet::IpNet::from(*ip)));
+                }
+                NodeClaim {
+                    node: n.name.clone(),
+                    created: n.created.clone(),
+                    key: n.annotations.get(ANNOTATION).or_else(|| n.annotations.get(LEGACY_ANNOTATION)).cloned(),
+                    endpoint_ip: n.internal_ip,
+                    allowed_ips: allowed,
+                }
+            })
+            .collect()
+    }
+
+    /// Makes the device's peers match the table; returns the peer set and the device state.
+    pub async fn reconcile(&self, claims: Vec<NodeClaim>) -> Result<(PeerSet, DeviceInfo)> {
+        let desired = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT);
+        let c = uapi::Client::new(self.client_path());
+        let keepalive = self.keepalive;
+        let want = desired.clone();
+        let info = tokio::task::spawn_blocking(move || -> Result<DeviceInfo> {
+            let current = c.get()?;
+            let updates = wg::peers::plan(&current, &want, keepalive);
+            if updates.is_empty() {
+                return Ok(current);
+            }
+            for u in &updates {
+                if let Some(k) = u.public_key {
+                    let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
+                    info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
+                }
+            }
+            c.set(&DeviceUpdate { peers: updates, ..Default::default() })?;
+            Ok(c.get()?)
+        })
+        .await??;
+        for (node, why) in &desired.refused {
+            warn!(node = %node, reason = %why, "no WireGuard peer for this node");
+        }
+        Ok((desired, info))
+    }
+
+    fn client_path(&self) -> PathBuf {
+        self.socket.clone()
+    }
+}
+
+fn spawn_userspace_device(state_dir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating the meshd binary")?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state_dir.join(format!("{}.log", wg::INTERFACE)))
+        .context("opening the WireGuard device's log")?;
+    info!(interface = wg::INTERFACE, "starting the userspace WireGuard device");
+    std::process::Command::new(exe)
+        .args(["wireguard-userspace", "--interface", wg::INTERFACE, "--listen-port", &wg::LISTEN_PORT.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Its own process group: it outlives the agent, so an agent restart does not stop traffic.
+        .process_group(0)
+        .spawn()
+        .context("starting the userspace WireGuard device")?;
+    Ok(())
+}
+
+async fn wait_for_device(socket: &Path) -> Result<DeviceInfo> {
+    for _ in 0..100 {
+        let c = uapi::Client::new(socket);
+        if let Ok(Ok(d)) = tokio::task::spawn_blocking(move || c.get()).await {
+            return Ok(d);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the userspace WireGuard device did not come up; see {}.log in the state directory", wg::INTERFACE)
+}
