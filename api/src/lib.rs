@@ -102,8 +102,13 @@ pub struct Status {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach the meshd agent at {path}: {source}; is `meshd agent` running on this node?")]
-    Connect { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot reach the meshd agent at {path}: {source}; is `meshd agent` running on this node?"
+    )]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the meshd agent at {path} failed: {message}")]
     Http { path: PathBuf, message: String },
     #[error("the meshd agent refused the request ({status}): {message}")]
@@ -124,17 +129,31 @@ pub struct Client {
 
 impl Client {
     pub fn new(path: impl AsRef<Path>) -> Self {
-        Self { path: path.as_ref().to_path_buf() }
+        Self {
+            path: path.as_ref().to_path_buf(),
+        }
     }
 
-    async fn request(&self, method: Method, uri: &str, body: Option<Vec<u8>>) -> Result<Bytes, ClientError> {
-        let http = |message: String| ClientError::Http { path: self.path.clone(), message };
+    async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let http = |message: String| ClientError::Http {
+            path: self.path.clone(),
+            message,
+        };
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
-            .map_err(|source| ClientError::Connect { path: self.path.clone(), source })?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| http(e.to_string()))?;
         tokio::spawn(conn);
         let req = Request::builder()
             .method(method)
@@ -143,20 +162,33 @@ impl Client {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| http(e.to_string()))?;
-        let resp = send.send_request(req).await.map_err(|e| http(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| http(e.to_string()))?;
         let status = resp.status();
-        let bytes = resp.into_body().collect().await.map_err(|e| http(e.to_string()))?.to_bytes();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(e.to_string()))?
+            .to_bytes();
         if status != StatusCode::OK {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Refused { status: status.as_u16(), message });
+            return Err(ClientError::Refused {
+                status: status.as_u16(),
+                message,
+            });
         }
         Ok(bytes)
     }
 
     async fn get<T: DeserializeOwned>(&self, uri: &str) -> Result<T, ClientError> {
-        Ok(serde_json::from_slice(&self.request(Method::GET, uri, None).await?)?)
+        Ok(serde_json::from_slice(
+            &self.request(Method::GET, uri, None).await?,
+        )?)
     }
 
     pub async fn status(&self) -> Result<Status, ClientError> {
@@ -169,10 +201,18 @@ impl Client {
 
     pub async fn put_endpoint(&self, ep: &EndpointSpec) -> Result<(), ClientError> {
         let uri = format!("/v1/endpoints/{}/{}", ep.namespace, ep.name);
-        self.request(Method::PUT, &uri, Some(serde_json::to_vec(ep)?)).await.map(drop)
+        self.request(Method::PUT, &uri, Some(serde_json::to_vec(ep)?))
+            .await
+            .map(drop)
     }
 
     pub async fn delete_endpoint(&self, namespace: &str, name: &str) -> Result<(), ClientError> {
-        self.request(Method::DELETE, &format!("/v1/endpoints/{namespace}/{name}"), None).await.map(drop)
+        self.request(
+            Method::DELETE,
+            &format!("/v1/endpoints/{namespace}/{name}"),
+            None,
+        )
+        .await
+        .map(drop)
     }
 }

@@ -8,14 +8,19 @@ use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 
 use base64::Engine as _;
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, SanType,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     #[error("generating the lab certificates failed: {0}")]
     Generate(#[from] rcgen::Error),
     #[error("writing {path} failed: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// PEM-encoded material for the API server and its clients.
@@ -27,7 +32,9 @@ pub struct ServingCerts {
 
 impl std::fmt::Debug for ServingCerts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServingCerts").field("key_pem", &"<redacted>").finish_non_exhaustive()
+        f.debug_struct("ServingCerts")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
@@ -43,13 +50,18 @@ pub fn generate(lab: &str, ips: &[IpAddr]) -> Result<ServingCerts, PkiError> {
     let issuer = rcgen::Issuer::new(ca, ca_key);
 
     let mut leaf = CertificateParams::new(vec!["localhost".to_string(), "kubernetes".to_string()])?;
-    leaf.subject_alt_names.extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    leaf.subject_alt_names
+        .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, "meshd-lab-apiserver");
     leaf.distinguished_name = dn;
     let leaf_key = KeyPair::generate()?;
     let leaf_cert = leaf.signed_by(&leaf_key, &issuer)?;
-    Ok(ServingCerts { ca_pem: ca_cert.pem(), cert_pem: leaf_cert.pem(), key_pem: leaf_key.serialize_pem() })
+    Ok(ServingCerts {
+        ca_pem: ca_cert.pem(),
+        cert_pem: leaf_cert.pem(),
+        key_pem: leaf_key.serialize_pem(),
+    })
 }
 
 /// A random bearer token (128 bits, hex).
@@ -59,9 +71,17 @@ pub fn token() -> String {
 
 /// Writes a file readable only by its owner.
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    let err = |source| PkiError::Write { path: path.display().to_string(), source };
+    let err = |source| PkiError::Write {
+        path: path.display().to_string(),
+        source,
+    };
     let _ = fs::remove_file(path);
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
     f.write_all(contents).map_err(err)
 }
 

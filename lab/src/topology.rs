@@ -76,7 +76,9 @@ pub fn lab_dir(name: &str) -> PathBuf {
 fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 20
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     if !ok {
         bail!("lab name {name:?} is invalid: use 1-20 characters of a-z, 0-9 and '-'");
     }
@@ -89,9 +91,15 @@ pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {cmd}: is it installed? (`cargo xtask setup` installs it)"))?;
+        .with_context(|| {
+            format!("cannot run {cmd}: is it installed? (`cargo xtask setup` installs it)")
+        })?;
     if !out.status.success() {
-        bail!("`{cmd} {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "`{cmd} {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -103,7 +111,8 @@ impl LabState {
 
     pub fn load(name: &str) -> Result<Self> {
         let path = lab_dir(name).join("lab.json");
-        let text = fs::read_to_string(&path).with_context(|| format!("no lab named {name:?} is up (reading {})", path.display()))?;
+        let text = fs::read_to_string(&path)
+            .with_context(|| format!("no lab named {name:?} is up (reading {})", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
     }
 
@@ -145,19 +154,33 @@ impl LabState {
 
     pub fn node(&self, name: &str) -> Result<&NodeState> {
         self.nodes.iter().find(|n| n.name == name).with_context(|| {
-            format!("lab {:?} has no node {name:?} (nodes: {})", self.name, self.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", "))
+            format!(
+                "lab {:?} has no node {name:?} (nodes: {})",
+                self.name,
+                self.nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
         })
     }
 
     pub fn pods(&self) -> impl Iterator<Item = (&NodeState, &PodState)> {
-        self.nodes.iter().flat_map(|n| n.pods.iter().map(move |p| (n, p)))
+        self.nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().map(move |p| (n, p)))
     }
 
     /// The command prefix that runs something inside a node (its network and mount namespace)
     /// or a pod (its network namespace).
     pub fn enter(&self, target: &str) -> Result<Vec<String>> {
         if target == "hub" {
-            return Ok(vec!["nsenter".into(), format!("--net=/run/netns/{}", self.hub_netns()), "--".into()]);
+            return Ok(vec![
+                "nsenter".into(),
+                format!("--net=/run/netns/{}", self.hub_netns()),
+                "--".into(),
+            ]);
         }
         if let Ok(node) = self.node(target) {
             return Ok(vec![
@@ -168,9 +191,16 @@ impl LabState {
             ]);
         }
         if self.pods().any(|(_, p)| p.name == target) {
-            return Ok(vec!["nsenter".into(), format!("--net=/run/netns/{}", self.pod_netns(target)), "--".into()]);
+            return Ok(vec![
+                "nsenter".into(),
+                format!("--net=/run/netns/{}", self.pod_netns(target)),
+                "--".into(),
+            ]);
         }
-        bail!("lab {:?} has no node or pod named {target:?} (see `meshd lab status`)", self.name)
+        bail!(
+            "lab {:?} has no node or pod named {target:?} (see `meshd lab status`)",
+            self.name
+        )
     }
 
     /// Runs `argv` inside a node or pod and returns its output.
@@ -190,7 +220,24 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 fn ns_sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
-    run("ip", &["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")]).map(drop)
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ],
+    )
+    .map(drop)
+}
+
+/// The lab is IPv4-only: no router solicitations or DAD in captures.
+fn quiet_ipv6(netns: &str) -> Result<()> {
+    ns_sysctl(netns, "net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns_sysctl(netns, "net.ipv6.conf.default.disable_ipv6", "1")
 }
 
 /// Brings up a lab: namespaces, API server, agents, pods. On failure it tears down what it made.
@@ -200,7 +247,11 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
         bail!("a lab has 1-50 nodes and 0-26 pods per node");
     }
     if lab_dir(&opts.name).join("lab.json").exists() {
-        bail!("lab {:?} is already up; `meshd lab down --name {}` first", opts.name, opts.name);
+        bail!(
+            "lab {:?} is already up; `meshd lab down --name {}` first",
+            opts.name,
+            opts.name
+        );
     }
     let dir = lab_dir(&opts.name);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -234,9 +285,18 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
     let hub = lab.hub_netns();
     info!(netns = %hub, "creating the hub namespace and bridge");
     ip(&["netns", "add", &hub])?;
+    quiet_ipv6(&hub)?;
     ip(&["-n", &hub, "link", "set", "lo", "up"])?;
     ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"])?;
-    ip(&["-n", &hub, "addr", "add", &format!("{HUB_IP}/24"), "dev", "br0"])?;
+    ip(&[
+        "-n",
+        &hub,
+        "addr",
+        "add",
+        &format!("{HUB_IP}/24"),
+        "dev",
+        "br0",
+    ])?;
     ip(&["-n", &hub, "link", "set", "br0", "up"])?;
 
     // The private mount point under which node mount namespaces are pinned.
@@ -279,12 +339,21 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
             break p;
         }
         if Instant::now() > deadline {
-            bail!("the lab API server did not start; see {}", dir.join("apiserver.log").display());
+            bail!(
+                "the lab API server did not start; see {}",
+                dir.join("apiserver.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     lab.admin_port = port;
-    let kc = pki::kubeconfig(&lab.name, &format!("https://127.0.0.1:{port}"), &certs.ca_pem, "admin", &admin_token);
+    let kc = pki::kubeconfig(
+        &lab.name,
+        &format!("https://127.0.0.1:{port}"),
+        &certs.ca_pem,
+        "admin",
+        &admin_token,
+    );
     pki::write_private(&lab.admin_kubeconfig(), kc.as_bytes())?;
     lab.save()?;
     Ok(())
@@ -293,7 +362,12 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
 use std::os::unix::process::CommandExt as _;
 
 /// Adds node `index` with its pods and starts its agent.
-pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[String]) -> Result<()> {
+pub async fn add_node(
+    lab: &mut LabState,
+    index: u8,
+    pods: u8,
+    agent_args: &[String],
+) -> Result<()> {
     let name = format!("node-{index}");
     if lab.nodes.iter().any(|n| n.index == index) {
         bail!("lab {:?} already has {name}", lab.name);
@@ -303,13 +377,32 @@ pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[Str
     let hub = lab.hub_netns();
     info!(node = %name, ip = %node_ip, "creating node namespaces");
     ip(&["netns", "add", &netns])?;
-    lab.nodes.push(NodeState { name: name.clone(), index, ip: node_ip, agent_pid: None, pods: vec![], agent_args: agent_args.to_vec() });
+    quiet_ipv6(&netns)?;
+    lab.nodes.push(NodeState {
+        name: name.clone(),
+        index,
+        ip: node_ip,
+        agent_pid: None,
+        pods: vec![],
+        agent_args: agent_args.to_vec(),
+    });
     lab.save()?;
     ip(&["-n", &netns, "link", "set", "lo", "up"])?;
     let hub_side = format!("vn{index}");
-    ip(&["-n", &hub, "link", "add", &hub_side, "type", "veth", "peer", "name", "eth0", "netns", &netns])?;
+    ip(&[
+        "-n", &hub, "link", "add", &hub_side, "type", "veth", "peer", "name", "eth0", "netns",
+        &netns,
+    ])?;
     ip(&["-n", &hub, "link", "set", &hub_side, "master", "br0", "up"])?;
-    ip(&["-n", &netns, "addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        &netns,
+        "addr",
+        "add",
+        &format!("{node_ip}/24"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
     ns_sysctl(&netns, "net.ipv4.ip_forward", "1")?;
 
@@ -333,7 +426,17 @@ pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[Str
     );
     run(
         "nsenter",
-        &[&format!("--net=/run/netns/{netns}"), "--", "unshare", &format!("--mount={}", mnt.display()), "--propagation", "private", "sh", "-c", &script],
+        &[
+            &format!("--net=/run/netns/{netns}"),
+            "--",
+            "unshare",
+            &format!("--mount={}", mnt.display()),
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &script,
+        ],
     )
     .with_context(|| format!("creating the mount namespace of {name}"))?;
 
@@ -345,7 +448,13 @@ pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[Str
     tokens.push('\n');
     pki::write_private(&dir.join("tokens"), tokens.as_bytes())?;
     let ca = fs::read_to_string(dir.join("ca.pem"))?;
-    let kc = pki::kubeconfig(&lab.name, &format!("https://{HUB_IP}:{API_PORT}"), &ca, &name, &token);
+    let kc = pki::kubeconfig(
+        &lab.name,
+        &format!("https://{HUB_IP}:{API_PORT}"),
+        &ca,
+        &name,
+        &token,
+    );
     pki::write_private(&kubeconfig_path, kc.as_bytes())?;
     // The API server reads tokens on each start; tell the running one to reload.
     reload_apiserver(lab)?;
@@ -355,7 +464,10 @@ pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[Str
     for j in 0..pods {
         let letter = (b'a' + j) as char;
         let pod = format!("pod-{index}{letter}");
-        let labels = BTreeMap::from([("app".to_string(), pod.clone()), ("lab.meshd.io/node".to_string(), name.clone())]);
+        let labels = BTreeMap::from([
+            ("app".to_string(), pod.clone()),
+            ("lab.meshd.io/node".to_string(), name.clone()),
+        ]);
         add_pod(lab, &name, &pod, "default", labels).await?;
     }
     Ok(())
@@ -363,8 +475,11 @@ pub async fn add_node(lab: &mut LabState, index: u8, pods: u8, agent_args: &[Str
 
 fn reload_apiserver(lab: &LabState) -> Result<()> {
     if let Some(pid) = lab.apiserver_pid {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
-            .context("asking the lab API server to reload its tokens")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .context("asking the lab API server to reload its tokens")?;
         // The reload is synchronous in the server's signal task; give it a moment.
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -380,7 +495,10 @@ pub fn start_agent(lab: &mut LabState, node: &str) -> Result<()> {
         bail!("the agent of {node} is already running (pid {pid})");
     }
     let ndir = lab.node_dir(node);
-    let log = fs::OpenOptions::new().create(true).append(true).open(ndir.join("agent.log"))?;
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(ndir.join("agent.log"))?;
     let mut cmd = Command::new("nsenter");
     cmd.arg(format!("--net=/run/netns/{}", lab.node_netns(node)))
         .arg(format!("--mount={}", lab.node_mntns(node).display()))
@@ -388,14 +506,26 @@ pub fn start_agent(lab: &mut LabState, node: &str) -> Result<()> {
         .arg(&lab.meshd)
         .args(["agent", "--node-name", node, "--k8s-kubeconfig-path"])
         .arg(ndir.join("kubeconfig"))
-        .args(["--node-ip", &n.ip.to_string(), "--pod-cidr", &n.pod_cidr(), "--state-dir", "/var/lib/meshd"])
+        .args([
+            "--node-ip",
+            &n.ip.to_string(),
+            "--pod-cidr",
+            &n.pod_cidr(),
+            "--state-dir",
+            "/var/lib/meshd",
+        ])
         .args(&n.agent_args)
-        .env("RUST_LOG", std::env::var("MESHD_LAB_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("MESHD_LAB_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let child = cmd.spawn().with_context(|| format!("starting the agent of {node}"))?;
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting the agent of {node}"))?;
     let pid = child.id() as i32;
     if let Some(n) = lab.nodes.iter_mut().find(|n| n.name == node) {
         n.agent_pid = Some(pid);
@@ -419,16 +549,28 @@ pub async fn wait_agent_ready(lab: &LabState, node: &str, timeout: Duration) -> 
         if let Some(pid) = lab.node(node)?.agent_pid
             && !process_alive(pid, &lab.dir())
         {
-            bail!("the agent of {node} exited; see {}", lab.node_dir(node).join("agent.log").display());
+            bail!(
+                "the agent of {node} exited; see {}",
+                lab.node_dir(node).join("agent.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("the agent of {node} is not ready after {timeout:?} ({last}); see {}", lab.node_dir(node).join("agent.log").display())
+    bail!(
+        "the agent of {node} is not ready after {timeout:?} ({last}); see {}",
+        lab.node_dir(node).join("agent.log").display()
+    )
 }
 
 /// Creates a pod: its namespace, a veth into its node, addresses and routes, then registers it
 /// with the node's agent, as a CNI plugin would.
-pub async fn add_pod(lab: &mut LabState, node: &str, pod: &str, namespace: &str, labels: BTreeMap<String, String>) -> Result<()> {
+pub async fn add_pod(
+    lab: &mut LabState,
+    node: &str,
+    pod: &str,
+    namespace: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<()> {
     let n = lab.node(node)?.clone();
     if lab.pods().any(|(_, p)| p.name == pod) {
         bail!("lab {:?} already has a pod {pod:?}", lab.name);
@@ -437,21 +579,49 @@ pub async fn add_pod(lab: &mut LabState, node: &str, pod: &str, namespace: &str,
     let pod_ip = Ipv4Addr::new(198, 19, n.index, 10 + host);
     let pns = lab.pod_netns(pod);
     let nns = lab.node_netns(node);
-    let ifname = format!("lxc{}", &pod.replace('-', "")[..pod.replace('-', "").len().min(12)]);
+    let ifname = format!(
+        "lxc{}",
+        &pod.replace('-', "")[..pod.replace('-', "").len().min(12)]
+    );
     info!(pod, node, ip = %pod_ip, "creating pod");
     ip(&["netns", "add", &pns])?;
+    quiet_ipv6(&pns)?;
     if let Some(nn) = lab.nodes.iter_mut().find(|nn| nn.name == node) {
-        nn.pods.push(PodState { name: pod.into(), namespace: namespace.into(), ip: pod_ip, labels: labels.clone(), interface: ifname.clone() });
+        nn.pods.push(PodState {
+            name: pod.into(),
+            namespace: namespace.into(),
+            ip: pod_ip,
+            labels: labels.clone(),
+            interface: ifname.clone(),
+        });
     }
     lab.save()?;
     ip(&["-n", &pns, "link", "set", "lo", "up"])?;
-    ip(&["-n", &nns, "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &pns])?;
+    ip(&[
+        "-n", &nns, "link", "add", &ifname, "type", "veth", "peer", "name", "eth0", "netns", &pns,
+    ])?;
     ip(&["-n", &nns, "link", "set", &ifname, "up"])?;
     ns_sysctl(&nns, &format!("net.ipv4.conf.{ifname}.proxy_arp"), "1")?;
-    ip(&["-n", &pns, "addr", "add", &format!("{pod_ip}/32"), "dev", "eth0"])?;
+    ip(&[
+        "-n",
+        &pns,
+        "addr",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        "eth0",
+    ])?;
     ip(&["-n", &pns, "link", "set", "eth0", "up"])?;
     ip(&["-n", &pns, "route", "add", "default", "dev", "eth0"])?;
-    ip(&["-n", &nns, "route", "add", &format!("{pod_ip}/32"), "dev", &ifname])?;
+    ip(&[
+        "-n",
+        &nns,
+        "route",
+        "add",
+        &format!("{pod_ip}/32"),
+        "dev",
+        &ifname,
+    ])?;
     let ep = EndpointSpec {
         name: pod.into(),
         namespace: namespace.into(),
@@ -468,10 +638,17 @@ pub async fn add_pod(lab: &mut LabState, node: &str, pod: &str, namespace: &str,
 
 /// Deletes a pod: unregisters it from its agent and removes its namespace.
 pub async fn delete_pod(lab: &mut LabState, pod: &str) -> Result<()> {
-    let Some((node, p)) = lab.pods().find(|(_, p)| p.name == pod).map(|(n, p)| (n.name.clone(), p.clone())) else {
+    let Some((node, p)) = lab
+        .pods()
+        .find(|(_, p)| p.name == pod)
+        .map(|(n, p)| (n.name.clone(), p.clone()))
+    else {
         bail!("lab {:?} has no pod {pod:?}", lab.name);
     };
-    if let Err(e) = meshd_api::Client::new(lab.agent_socket(&node)).delete_endpoint(&p.namespace, pod).await {
+    if let Err(e) = meshd_api::Client::new(lab.agent_socket(&node))
+        .delete_endpoint(&p.namespace, pod)
+        .await
+    {
         warn!(pod, error = %e, "the agent did not acknowledge the pod's deletion");
     }
     let _ = ip(&["-n", &lab.node_netns(&node), "link", "del", &p.interface]);
@@ -489,10 +666,15 @@ pub fn process_alive(pid: i32, lab_dir: &Path) -> bool {
         return false;
     };
     // state is the field after the parenthesised command name
-    let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
     if zombie {
         // Reap it if it is our child; otherwise it is gone for our purposes.
-        let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        let _ = nix::sys::wait::waitpid(
+            nix::unistd::Pid::from_raw(pid),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
         return false;
     }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
@@ -537,7 +719,12 @@ pub fn stop_agent(lab: &mut LabState, node: &str) -> Result<()> {
 /// Removes a node from the lab: its agent, pods, namespaces and its CiliumNode object (as the
 /// operator does when a Kubernetes node is deleted).
 pub async fn delete_node(lab: &mut LabState, node: &str) -> Result<()> {
-    let pods: Vec<String> = lab.node(node)?.pods.iter().map(|p| p.name.clone()).collect();
+    let pods: Vec<String> = lab
+        .node(node)?
+        .pods
+        .iter()
+        .map(|p| p.name.clone())
+        .collect();
     stop_agent(lab, node)?;
     for p in pods {
         let pns = lab.pod_netns(&p);
@@ -557,19 +744,34 @@ pub async fn delete_node(lab: &mut LabState, node: &str) -> Result<()> {
     let out = Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(&kubeconfig)
-        .args(["delete", "ciliumnode", node, "--ignore-not-found", "--wait=false"])
+        .args([
+            "delete",
+            "ciliumnode",
+            node,
+            "--ignore-not-found",
+            "--wait=false",
+        ])
         .output()
         .context("running kubectl")?;
     if !out.status.success() {
-        bail!("deleting the CiliumNode {node}: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "deleting the CiliumNode {node}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(())
 }
 
 fn kill_netns_processes(netns: &str) {
     if let Ok(pids) = run("ip", &["netns", "pids", netns]) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        for pid in pids
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -631,10 +833,18 @@ pub fn down(name: &str) -> Result<()> {
 /// Names of every lab that left anything behind (state directory or namespaces).
 pub fn all_labs() -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(LABS_DIR)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     for l in run("ip", &["netns", "list"]).unwrap_or_default().lines() {
-        if let Some(rest) = l.split_whitespace().next().and_then(|n| n.strip_prefix(NETNS_PREFIX)) {
+        if let Some(rest) = l
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.strip_prefix(NETNS_PREFIX))
+        {
             // meshd-<lab>-hub / meshd-<lab>-node-N / meshd-<lab>-pod-P
             for marker in ["-hub", "-node-", "-pod-"] {
                 if let Some((lab, _)) = rest.split_once(marker) {
@@ -653,7 +863,11 @@ pub fn all_labs() -> Vec<String> {
 pub fn connectivity(lab: &LabState) -> Vec<(String, String, bool)> {
     let pairs: Vec<(String, String, Ipv4Addr)> = lab
         .pods()
-        .flat_map(|(_, a)| lab.pods().filter(move |(_, b)| b.name != a.name).map(move |(_, b)| (a.name.clone(), b.name.clone(), b.ip)))
+        .flat_map(|(_, a)| {
+            lab.pods()
+                .filter(move |(_, b)| b.name != a.name)
+                .map(move |(_, b)| (a.name.clone(), b.name.clone(), b.ip))
+        })
         .collect();
     std::thread::scope(|s| {
         let handles: Vec<_> = pairs
@@ -669,4 +883,102 @@ pub fn connectivity(lab: &LabState) -> Vec<(String, String, bool)> {
             .collect();
         handles.into_iter().filter_map(|h| h.join().ok()).collect()
     })
+}
+
+/// What crossed the underlay (the hub bridge) during a capture.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CaptureSummary {
+    pub ip_packets: usize,
+    /// UDP 51871 between node addresses: WireGuard.
+    pub wireguard: usize,
+    /// Packets whose source or destination is a pod address: traffic in the clear.
+    pub cleartext_pod: usize,
+    pub other: usize,
+}
+
+/// Captures on the hub bridge while every pod pings one pod on another node, and sorts what
+/// was seen.
+pub fn capture_underlay(lab: &LabState, pings: u32) -> Result<CaptureSummary> {
+    let prefix = lab.enter("hub")?;
+    let tcpdump = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .args(["tcpdump", "-n", "-l", "-i", "br0", "ip"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting tcpdump in the hub (cargo xtask setup installs it)")?;
+    std::thread::sleep(Duration::from_millis(500));
+    let pods: Vec<(&NodeState, &PodState)> = lab.pods().collect();
+    std::thread::scope(|s| {
+        for (n, p) in &pods {
+            if let Some((_, target)) = pods.iter().find(|(m, _)| m.name != n.name) {
+                let ip = target.ip.to_string();
+                let name = p.name.clone();
+                s.spawn(move || {
+                    lab.exec(
+                        &name,
+                        &[
+                            "ping",
+                            "-c",
+                            &pings.to_string(),
+                            "-i",
+                            "0.05",
+                            "-W",
+                            "1",
+                            &ip,
+                        ],
+                    )
+                });
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let out = tcpdump
+        .wait_with_output()
+        .context("reading tcpdump's output")?;
+    Ok(summarize_capture(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// Sorts `tcpdump -n` lines.
+pub fn summarize_capture(text: &str) -> CaptureSummary {
+    let mut s = CaptureSummary::default();
+    for line in text.lines().filter(|l| l.contains(" IP ")) {
+        s.ip_packets += 1;
+        if line.contains("198.19.") {
+            s.cleartext_pod += 1;
+        } else if line.contains(".51871 > ") && line.contains(": UDP") {
+            s.wireguard += 1;
+        } else {
+            s.other += 1;
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_lines_are_sorted_by_what_they_carry() {
+        let text = "\
+07:00:00.1 IP 198.18.0.11.51871 > 198.18.0.12.51871: UDP, length 128
+07:00:00.2 IP 198.19.1.10 > 198.19.2.10: ICMP echo request, id 1, seq 1, length 64
+07:00:00.3 IP 198.18.0.11.40000 > 198.18.0.1.6443: Flags [P.], length 100
+07:00:00.4 ARP, Request who-has 198.18.0.13 tell 198.18.0.1, length 28
+";
+        assert_eq!(
+            summarize_capture(text),
+            CaptureSummary {
+                ip_packets: 3,
+                wireguard: 1,
+                cleartext_pod: 1,
+                other: 1
+            }
+        );
+    }
 }

@@ -13,10 +13,15 @@ use clap::{Args, CommandFactory, FromArgMatches as _, Parser};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading the config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("the config file {path} is not a YAML map of option names to values: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("the config file {path} sets {key:?}, which is not a meshd agent option (see `meshd agent --help`)")]
+    #[error(
+        "the config file {path} sets {key:?}, which is not a meshd agent option (see `meshd agent --help`)"
+    )]
     UnknownOption { path: PathBuf, key: String },
     #[error("invalid agent configuration: {0}")]
     Invalid(String),
@@ -24,8 +29,13 @@ pub enum ConfigError {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 1h"))?;
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -90,7 +100,11 @@ pub struct AgentConfig {
     pub mesh_auth_enabled: bool,
 
     /// Port of the mutual-authentication (mTLS) listener.
-    #[arg(long, env = "MESHD_MESH_AUTH_MUTUAL_LISTENER_PORT", default_value_t = 4250)]
+    #[arg(
+        long,
+        env = "MESHD_MESH_AUTH_MUTUAL_LISTENER_PORT",
+        default_value_t = 4250
+    )]
     pub mesh_auth_mutual_listener_port: u16,
 
     /// How often routes are re-checked against the kernel even without changes.
@@ -112,7 +126,12 @@ fn clap_error(e: clap::Error) -> ConfigError {
     if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
         e.exit();
     }
-    ConfigError::Invalid(e.to_string().trim_start_matches("error: ").trim_end().to_string())
+    ConfigError::Invalid(
+        e.to_string()
+            .trim_start_matches("error: ")
+            .trim_end()
+            .to_string(),
+    )
 }
 
 #[derive(Parser)]
@@ -123,9 +142,15 @@ struct Standalone {
 }
 
 fn file_options(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-    let map: std::collections::BTreeMap<String, serde_yaml::Value> =
-        serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let map: std::collections::BTreeMap<String, serde_yaml::Value> = serde_yaml::from_str(&text)
+        .map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })?;
     map.into_iter()
         .map(|(k, v)| {
             let v = match v {
@@ -133,7 +158,10 @@ fn file_options(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
                 serde_yaml::Value::Bool(b) => b.to_string(),
                 serde_yaml::Value::Number(n) => n.to_string(),
                 other => {
-                    return Err(ConfigError::Parse { path: path.into(), message: format!("{k}: expected a scalar, got {other:?}") });
+                    return Err(ConfigError::Parse {
+                        path: path.into(),
+                        message: format!("{k}: expected a scalar, got {other:?}"),
+                    });
                 }
             };
             Ok((k, v))
@@ -142,7 +170,10 @@ fn file_options(path: &Path) -> Result<Vec<(String, String)>, ConfigError> {
 }
 
 fn dir_options(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
-    let rd = std::fs::read_dir(dir).map_err(|source| ConfigError::Read { path: dir.into(), source })?;
+    let rd = std::fs::read_dir(dir).map_err(|source| ConfigError::Read {
+        path: dir.into(),
+        source,
+    })?;
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
@@ -150,7 +181,10 @@ fn dir_options(dir: &Path) -> Result<Vec<(String, String)>, ConfigError> {
         if name.starts_with('.') || !e.path().is_file() {
             continue;
         }
-        let v = std::fs::read_to_string(e.path()).map_err(|source| ConfigError::Read { path: e.path(), source })?;
+        let v = std::fs::read_to_string(e.path()).map_err(|source| ConfigError::Read {
+            path: e.path(),
+            source,
+        })?;
         out.push((name, v.trim().to_string()));
     }
     Ok(out)
@@ -160,8 +194,12 @@ impl AgentConfig {
     /// Parses `argv` (starting with the subcommand name) with file options merged underneath.
     pub fn parse_with_files(argv: Vec<OsString>) -> Result<Self, ConfigError> {
         let cmd = Standalone::command().no_binary_name(false);
-        let matches = cmd.clone().try_get_matches_from(&argv).map_err(clap_error)?;
-        let first = Standalone::from_arg_matches(&matches).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let matches = cmd
+            .clone()
+            .try_get_matches_from(&argv)
+            .map_err(clap_error)?;
+        let first = Standalone::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut file_opts = Vec::new();
         if let Some(p) = &first.agent.config {
             file_opts.extend(file_options(p)?.into_iter().map(|(k, v)| (p.clone(), k, v)));
@@ -174,23 +212,33 @@ impl AgentConfig {
         }
         let mut argv = argv;
         for (path, key, value) in file_opts {
-            let Some(arg) = cmd.get_arguments().find(|a| a.get_long() == Some(key.as_str())) else {
+            let Some(arg) = cmd
+                .get_arguments()
+                .find(|a| a.get_long() == Some(key.as_str()))
+            else {
                 return Err(ConfigError::UnknownOption { path, key });
             };
             let id = arg.get_id().as_str();
-            if matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable)) {
+            if matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            ) {
                 continue;
             }
             argv.push(format!("--{key}={value}").into());
         }
         let matches = cmd.try_get_matches_from(&argv).map_err(clap_error)?;
-        Ok(Standalone::from_arg_matches(&matches).map_err(|e| ConfigError::Invalid(e.to_string()))?.agent)
+        Ok(Standalone::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?
+            .agent)
     }
 
     /// Refuses combinations this build cannot honour, rather than running without them.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.enable_wireguard && self.enable_ipsec {
-            return Err(ConfigError::Invalid("enable-wireguard and enable-ipsec are mutually exclusive".into()));
+            return Err(ConfigError::Invalid(
+                "enable-wireguard and enable-ipsec are mutually exclusive".into(),
+            ));
         }
         if self.enable_ipsec {
             return Err(ConfigError::Invalid(
@@ -198,7 +246,9 @@ impl AgentConfig {
             ));
         }
         if self.route_sync_interval < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid("route-sync-interval must be at least 1s".into()));
+            return Err(ConfigError::Invalid(
+                "route-sync-interval must be at least 1s".into(),
+            ));
         }
         Ok(())
     }
@@ -209,15 +259,28 @@ mod tests {
     use super::*;
 
     fn argv(extra: &[&str]) -> Vec<OsString> {
-        std::iter::once("agent").chain(extra.iter().copied()).map(OsString::from).collect()
+        std::iter::once("agent")
+            .chain(extra.iter().copied())
+            .map(OsString::from)
+            .collect()
     }
 
     #[test]
     fn file_values_apply_under_flags() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
-        std::fs::write(&f, "node-name: from-file\nipv4-range: 198.19.9.0/24\nroute-sync-interval: 5s\n").unwrap();
-        let c = AgentConfig::parse_with_files(argv(&["--config", f.to_str().unwrap(), "--node-name", "from-flag"])).unwrap();
+        std::fs::write(
+            &f,
+            "node-name: from-file\nipv4-range: 198.19.9.0/24\nroute-sync-interval: 5s\n",
+        )
+        .unwrap();
+        let c = AgentConfig::parse_with_files(argv(&[
+            "--config",
+            f.to_str().unwrap(),
+            "--node-name",
+            "from-flag",
+        ]))
+        .unwrap();
         assert_eq!(c.node_name.as_deref(), Some("from-flag"));
         assert_eq!(c.ipv4_range.unwrap().to_string(), "198.19.9.0/24");
         assert_eq!(c.route_sync_interval, Duration::from_secs(5));
@@ -227,21 +290,27 @@ mod tests {
     fn config_dir_and_unknown_options() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("enable-node-encryption"), "true\n").unwrap();
-        let c = AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()])).unwrap();
+        let c =
+            AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()]))
+                .unwrap();
         assert!(c.enable_node_encryption);
         std::fs::write(dir.path().join("no-such-option"), "1").unwrap();
-        let e = AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()])).unwrap_err();
+        let e =
+            AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()]))
+                .unwrap_err();
         assert!(e.to_string().contains("no-such-option"), "{e}");
     }
 
     #[test]
     fn bad_values_name_the_option() {
-        let e = AgentConfig::parse_with_files(argv(&["--route-sync-interval", "soon"])).unwrap_err();
+        let e =
+            AgentConfig::parse_with_files(argv(&["--route-sync-interval", "soon"])).unwrap_err();
         assert!(e.to_string().contains("route-sync-interval"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
         std::fs::write(&f, "- not a map").unwrap();
-        let e = AgentConfig::parse_with_files(argv(&["--config", f.to_str().unwrap()])).unwrap_err();
+        let e =
+            AgentConfig::parse_with_files(argv(&["--config", f.to_str().unwrap()])).unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
     }
 

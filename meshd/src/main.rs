@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "meshd", version, about = "Encryption- and identity-first mesh daemon for Kubernetes nodes")]
+#[command(
+    name = "meshd",
+    version,
+    about = "Encryption- and identity-first mesh daemon for Kubernetes nodes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,7 +65,9 @@ enum Command {
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -96,11 +102,20 @@ fn main() -> std::process::ExitCode {
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
                 Command::Encrypt { command } => cli::encrypt(command).await,
-                Command::WireguardUserspace { interface, listen_port } => {
+                Command::WireguardUserspace {
+                    interface,
+                    listen_port,
+                } => {
                     let socket = wg::uapi::socket_path(&interface);
-                    tokio::task::spawn_blocking(move || wg::userspace::run(wg::userspace::Options { interface, listen_port, uapi_socket: socket }))
-                        .await?
-                        .map_err(Into::into)
+                    tokio::task::spawn_blocking(move || {
+                        wg::userspace::run(wg::userspace::Options {
+                            interface,
+                            listen_port,
+                            uapi_socket: socket,
+                        })
+                    })
+                    .await?
+                    .map_err(Into::into)
                 }
                 Command::Lab { command } => cli::lab::run(command).await,
             }

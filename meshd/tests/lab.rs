@@ -1,7 +1,10 @@
 //! End-to-end: whole labs with the real `meshd` binary, real namespaces, real agents and real
 //! pings. These need root (CI has it); under CI=true a missing privilege is a failure.
 
-#![allow(clippy::unwrap_used, reason = "a test fails loudly on the first surprise")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test fails loudly on the first surprise"
+)]
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -11,19 +14,30 @@ const MESHD: &str = env!("CARGO_BIN_EXE_meshd");
 fn root_or_skip() -> bool {
     let root = nix::unistd::Uid::effective().is_root();
     if !root {
-        assert!(std::env::var("CI").is_err(), "lab tests need root, and CI runs as root");
+        assert!(
+            std::env::var("CI").is_err(),
+            "lab tests need root, and CI runs as root"
+        );
         eprintln!("SKIPPED: lab tests need root");
     }
     root
 }
 
 fn meshd(args: &[&str]) -> Output {
-    Command::new(MESHD).args(args).stdin(Stdio::null()).output().expect("running meshd")
+    Command::new(MESHD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running meshd")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = meshd(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "meshd {args:?} failed:\n{text}");
     text
 }
@@ -34,7 +48,18 @@ struct Lab(String);
 impl Lab {
     fn up(name: &str, nodes: u8, pods: u8, encryption: &str) -> Self {
         let _ = meshd(&["lab", "down", "--name", name]);
-        ok(&["lab", "up", "--name", name, "--nodes", &nodes.to_string(), "--pods-per-node", &pods.to_string(), "--encryption", encryption]);
+        ok(&[
+            "lab",
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            &nodes.to_string(),
+            "--pods-per-node",
+            &pods.to_string(),
+            "--encryption",
+            encryption,
+        ]);
         Self(name.to_string())
     }
 
@@ -55,18 +80,36 @@ impl Lab {
             .args(args)
             .output()
             .expect("kubectl");
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     fn routes(&self, node: &str) -> String {
-        String::from_utf8_lossy(&self.exec(node, &["ip", "route", "show", "proto", "193"]).stdout).into_owned()
+        String::from_utf8_lossy(
+            &self
+                .exec(node, &["ip", "route", "show", "proto", "193"])
+                .stdout,
+        )
+        .into_owned()
     }
 
     fn agent_pid(&self, node: &str) -> i32 {
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", self.dir())).unwrap()).unwrap();
-        state["nodes"].as_array().unwrap().iter().find(|n| n["name"] == node).unwrap()["agent_pid"].as_i64().unwrap() as i32
+        let state: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(format!("{}/lab.json", self.dir())).unwrap(),
+        )
+        .unwrap();
+        state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == node)
+            .unwrap()["agent_pid"]
+            .as_i64()
+            .unwrap() as i32
     }
 }
 
@@ -90,15 +133,28 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// Nothing of the lab remains: namespaces, processes, mounts, state.
 fn assert_gone(name: &str) {
     let dir = format!("/run/meshd-lab/{name}");
-    let netns = String::from_utf8_lossy(&Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).into_owned();
-    assert!(!netns.contains(&format!("meshd-{name}-")), "namespaces left: {netns}");
+    let netns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        !netns.contains(&format!("meshd-{name}-")),
+        "namespaces left: {netns}"
+    );
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&dir), "mounts left under {dir}");
     assert!(!std::path::Path::new(&dir).exists(), "{dir} left");
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
             let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            assert!(!(cmd.contains(&dir) && cmd.contains("meshd")), "process left: {cmd}");
+            assert!(
+                !(cmd.contains(&dir) && cmd.contains("meshd")),
+                "process left: {cmd}"
+            );
         }
     }
 }
@@ -113,14 +169,25 @@ fn three_nodes_connect_survive_agent_restart_and_node_churn() {
     // Every pod reaches every other pod, on the same node and across nodes.
     let status = ok(&["lab", "status", "--name", &lab.0]);
     assert!(status.contains("30 of 30 pod pairs reachable"), "{status}");
-    let nodes = lab.kubectl(&["get", "ciliumnodes", "-o", "custom-columns=NAME:.metadata.name,IP:.spec.addresses[0].ip,CIDR:.spec.ipam.podCIDRs[0]", "--no-headers"]);
+    let nodes = lab.kubectl(&[
+        "get",
+        "ciliumnodes",
+        "-o",
+        "custom-columns=NAME:.metadata.name,IP:.spec.addresses[0].ip,CIDR:.spec.ipam.podCIDRs[0]",
+        "--no-headers",
+    ]);
     assert_eq!(nodes.lines().count(), 3, "{nodes}");
     assert!(nodes.contains("198.19.2.0/24"), "{nodes}");
     let routes = lab.routes("node-1");
-    assert!(routes.contains("198.19.2.0/24 via 198.18.0.12") && routes.contains("198.19.3.0/24 via 198.18.0.13"), "{routes}");
+    assert!(
+        routes.contains("198.19.2.0/24 via 198.18.0.12")
+            && routes.contains("198.19.3.0/24 via 198.18.0.13"),
+        "{routes}"
+    );
 
     // The agent's own view.
-    let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status", "-o", "json"]).stdout).into_owned();
+    let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status", "-o", "json"]).stdout)
+        .into_owned();
     let st: serde_json::Value = serde_json::from_str(&st).unwrap();
     assert_eq!(st["kubernetes"]["state"], "ok");
     assert_eq!(st["endpoints"], 2);
@@ -129,38 +196,87 @@ fn three_nodes_connect_survive_agent_restart_and_node_churn() {
     // Kill node-2's agent hard while pod-1a pings pod-2a every 20 ms; restart it.
     let uid_before = lab.kubectl(&["get", "cn", "node-2", "-o", "jsonpath={.metadata.uid}"]);
     let pinger = Command::new(MESHD)
-        .args(["lab", "exec", "--name", &lab.0, "pod-1a", "--", "ping", "-i", "0.02", "-c", "150", "-W", "1", "198.19.2.10"])
+        .args([
+            "lab",
+            "exec",
+            "--name",
+            &lab.0,
+            "pod-1a",
+            "--",
+            "ping",
+            "-i",
+            "0.02",
+            "-c",
+            "150",
+            "-W",
+            "1",
+            "198.19.2.10",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(lab.agent_pid("node-2")), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lab.agent_pid("node-2")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let log = format!("{}/nodes/node-2/agent.log", lab.dir());
     let log_len = std::fs::metadata(&log).unwrap().len() as usize;
     ok(&["lab", "agent", "--name", &lab.0, "start", "node-2"]);
     let ping = pinger.wait_with_output().unwrap();
     let ping = String::from_utf8_lossy(&ping.stdout).into_owned();
-    assert!(ping.contains("150 received"), "packets lost across the agent restart:\n{ping}");
+    assert!(
+        ping.contains("150 received"),
+        "packets lost across the agent restart:\n{ping}"
+    );
     // The restarted agent found its routes right and changed nothing; the object is the same.
     std::thread::sleep(Duration::from_millis(500));
     let after = std::fs::read_to_string(&log).unwrap()[log_len..].to_string();
     assert!(after.contains("meshd agent starting"), "{after}");
-    assert!(!after.contains("route installed") && !after.contains("route removed"), "restart disturbed routes:\n{after}");
-    assert_eq!(lab.kubectl(&["get", "cn", "node-2", "-o", "jsonpath={.metadata.uid}"]), uid_before);
-    assert!(lab.routes("node-2").contains("198.19.1.0/24 via 198.18.0.11"));
+    assert!(
+        !after.contains("route installed") && !after.contains("route removed"),
+        "restart disturbed routes:\n{after}"
+    );
+    assert_eq!(
+        lab.kubectl(&["get", "cn", "node-2", "-o", "jsonpath={.metadata.uid}"]),
+        uid_before
+    );
+    assert!(
+        lab.routes("node-2")
+            .contains("198.19.1.0/24 via 198.18.0.11")
+    );
 
     // A node that leaves is removed everywhere; one that joins is routed everywhere.
     ok(&["lab", "node", "delete", "--name", &lab.0, "node-3"]);
     for n in ["node-1", "node-2"] {
-        wait_for(&format!("{n} to drop the route to node-3"), Duration::from_secs(5), || !lab.routes(n).contains("198.19.3.0/24"));
+        wait_for(
+            &format!("{n} to drop the route to node-3"),
+            Duration::from_secs(5),
+            || !lab.routes(n).contains("198.19.3.0/24"),
+        );
     }
-    assert_eq!(lab.kubectl(&["get", "cn", "--no-headers", "-o", "name"]).lines().count(), 2);
-    ok(&["lab", "node", "add", "--name", &lab.0, "--index", "4", "--pods", "1"]);
+    assert_eq!(
+        lab.kubectl(&["get", "cn", "--no-headers", "-o", "name"])
+            .lines()
+            .count(),
+        2
+    );
+    ok(&[
+        "lab", "node", "add", "--name", &lab.0, "--index", "4", "--pods", "1",
+    ]);
     let start = Instant::now();
     for n in ["node-1", "node-2"] {
-        wait_for(&format!("{n} to route to node-4"), Duration::from_secs(2), || lab.routes(n).contains("198.19.4.0/24 via 198.18.0.14"));
+        wait_for(
+            &format!("{n} to route to node-4"),
+            Duration::from_secs(2),
+            || lab.routes(n).contains("198.19.4.0/24 via 198.18.0.14"),
+        );
     }
-    eprintln!("node-4 routed everywhere {:?} after it was up", start.elapsed());
+    eprintln!(
+        "node-4 routed everywhere {:?} after it was up",
+        start.elapsed()
+    );
     let status = ok(&["lab", "status", "--name", &lab.0]);
     assert!(status.contains("20 of 20 pod pairs reachable"), "{status}");
 
@@ -176,15 +292,31 @@ fn a_crashed_lab_is_still_cleanable() {
     }
     let lab = Lab::up("t-crash", 1, 1, "wireguard");
     // Crash everything and lose the lab's state file.
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", lab.dir())).unwrap()).unwrap();
-    for pid in [state["apiserver_pid"].as_i64().unwrap(), state["nodes"][0]["agent_pid"].as_i64().unwrap()] {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{}/lab.json", lab.dir())).unwrap())
+            .unwrap();
+    for pid in [
+        state["apiserver_pid"].as_i64().unwrap(),
+        state["nodes"][0]["agent_pid"].as_i64().unwrap(),
+    ] {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     std::fs::remove_file(format!("{}/lab.json", lab.dir())).unwrap();
     // Leave a stray process inside a node.
-    let _stray = Command::new(MESHD).args(["lab", "exec", "--name", "t-crash", "hub", "--", "sleep", "300"]).spawn();
+    let _stray = Command::new(MESHD)
+        .args([
+            "lab", "exec", "--name", "t-crash", "hub", "--", "sleep", "300",
+        ])
+        .spawn();
     let out = meshd(&["lab", "down", "--name", "t-crash"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::mem::forget(lab);
     assert_gone("t-crash");
 }
@@ -200,14 +332,215 @@ fn bad_cilium_node_is_refused_for_that_node_only() {
     let f = format!("{}/bogus.yaml", lab.dir());
     std::fs::write(&f, "apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata:\n  name: bogus\nspec:\n  addresses:\n  - type: InternalIP\n    ip: not-an-ip\n").unwrap();
     lab.kubectl(&["apply", "-f", &f]);
-    wait_for("node-1 to report the bogus node", Duration::from_secs(5), || {
-        let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
-        st.contains("bogus") && st.contains("spec.addresses[0].ip")
-    });
+    wait_for(
+        "node-1 to report the bogus node",
+        Duration::from_secs(5),
+        || {
+            let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout)
+                .into_owned();
+            st.contains("bogus") && st.contains("spec.addresses[0].ip")
+        },
+    );
     let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
     assert!(st.contains("node-2\tOk"), "{st}");
     let status = ok(&["lab", "status", "--name", &lab.0]);
     assert!(status.contains("2 of 2 pod pairs reachable"), "{status}");
     let log = std::fs::read_to_string(format!("{}/nodes/node-1/agent.log", lab.dir())).unwrap();
-    assert!(log.contains("bogus") && log.contains("invalid CiliumNode"), "{log}");
+    assert!(
+        log.contains("bogus") && log.contains("invalid CiliumNode"),
+        "{log}"
+    );
+}
+
+fn wg_peers(lab: &Lab, node: &str) -> Vec<String> {
+    let out = lab.exec(node, &["wg", "show", "cilium_wg0", "peers"]);
+    assert!(
+        out.status.success(),
+        "wg show in {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    v.sort();
+    v
+}
+
+fn annotation(lab: &Lab, node: &str) -> String {
+    lab.kubectl(&[
+        "get",
+        "cn",
+        node,
+        "-o",
+        r"jsonpath={.metadata.annotations.network\.cilium\.io/wg-pub-key}",
+    ])
+}
+
+fn pings(lab: &Lab, from: &str, to: &str, count: u32) -> bool {
+    lab.exec(
+        from,
+        &["ping", "-c", &count.to_string(), "-i", "0.1", "-W", "1", to],
+    )
+    .status
+    .success()
+}
+
+#[test]
+fn wireguard_userspace_encrypts_survives_restarts_and_refuses_bad_keys() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-wg", 3, 2, "wireguard");
+    let status = ok(&["lab", "status", "--name", &lab.0]);
+    assert!(status.contains("30 of 30 pod pairs reachable"), "{status}");
+
+    // Only WireGuard crosses the underlay.
+    let cap = ok(&["lab", "capture", "--name", &lab.0]);
+    assert!(cap.contains("pod addresses in the clear:      0"), "{cap}");
+
+    // `wg show` in each node agrees with the other nodes' CiliumNode annotations.
+    let keys: Vec<(String, String)> = ["node-1", "node-2", "node-3"]
+        .iter()
+        .map(|n| (n.to_string(), annotation(&lab, n)))
+        .collect();
+    for (node, _) in &keys {
+        let mut want: Vec<String> = keys
+            .iter()
+            .filter(|(n, _)| n != node)
+            .map(|(_, k)| k.clone())
+            .collect();
+        want.sort();
+        assert_eq!(wg_peers(&lab, node), want, "peers of {node}");
+    }
+    assert_eq!(
+        lab.kubectl(&[
+            "get",
+            "cn",
+            "node-1",
+            "-o",
+            "jsonpath={.spec.encryption.key}"
+        ]),
+        "255"
+    );
+
+    // Cilium's lines first.
+    let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "encrypt", "status"]).stdout)
+        .into_owned();
+    let want = format!(
+        "Encryption: Wireguard                 \nInterface: cilium_wg0\n\tPublic key: {}\n\tNumber of peers: 2\n",
+        keys[0].1
+    );
+    assert!(st.starts_with(&want), "{st:?}");
+    assert!(st.contains("Backend: userspace"), "{st}");
+    let line = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
+    assert!(line.contains(&format!("Encryption:\tWireguard\t[NodeEncryption: Disabled, cilium_wg0 (Pubkey: {}, Port: 51871, Peers: 2)]", keys[0].1)), "{line}");
+
+    // Restarting the agent (userspace backend) while a ping runs every 10 ms loses nothing.
+    let pinger = Command::new(MESHD)
+        .args([
+            "lab",
+            "exec",
+            "--name",
+            &lab.0,
+            "pod-1a",
+            "--",
+            "ping",
+            "-i",
+            "0.01",
+            "-c",
+            "300",
+            "-W",
+            "1",
+            "198.19.2.10",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lab.agent_pid("node-2")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    ok(&["lab", "agent", "--name", &lab.0, "start", "node-2"]);
+    let out = String::from_utf8_lossy(&pinger.wait_with_output().unwrap().stdout).into_owned();
+    assert!(
+        out.contains("300 received"),
+        "packets lost across the agent restart:\n{out}"
+    );
+    let log = std::fs::read_to_string(format!("{}/nodes/node-2/agent.log", lab.dir())).unwrap();
+    assert!(
+        log.contains("adopting the running userspace WireGuard device"),
+        "{log}"
+    );
+
+    // A lost key file: the restarted agent publishes a new key and traffic recovers.
+    let old = annotation(&lab, "node-3");
+    ok(&["lab", "agent", "--name", &lab.0, "stop", "node-3"]);
+    std::fs::remove_file(format!("{}/nodes/node-3/state/cilium_wg0.key", lab.dir())).unwrap();
+    ok(&["lab", "agent", "--name", &lab.0, "start", "node-3"]);
+    let new = annotation(&lab, "node-3");
+    assert_ne!(old, new);
+    wait_for(
+        "node-1 to use node-3's new key",
+        Duration::from_secs(5),
+        || wg_peers(&lab, "node-1").contains(&new),
+    );
+    wait_for(
+        "pod-1a to reach pod-3a again",
+        Duration::from_secs(5),
+        || pings(&lab, "pod-1a", "198.19.3.10", 1),
+    );
+    let mode =
+        std::fs::metadata(format!("{}/nodes/node-3/state/cilium_wg0.key", lab.dir())).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    // Bad annotations (with node-2's agent stopped, so nobody repairs them) are refused for
+    // node-2 only; node-3 keeps working.
+    ok(&["lab", "agent", "--name", &lab.0, "stop", "node-2"]);
+    let key3 = annotation(&lab, "node-3");
+    for (value, reason) in [
+        ("garbage", "not a WireGuard public key"),
+        ("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=", "all-zero"),
+        (key3.as_str(), "already claimed by node node-3"),
+    ] {
+        lab.kubectl(&[
+            "annotate",
+            "--overwrite",
+            "cn",
+            "node-2",
+            &format!("network.cilium.io/wg-pub-key={value}"),
+        ]);
+        wait_for(
+            &format!("node-1 to refuse node-2 ({reason})"),
+            Duration::from_secs(8),
+            || {
+                let st = String::from_utf8_lossy(
+                    &lab.exec("node-1", &[MESHD, "encrypt", "status"]).stdout,
+                )
+                .into_owned();
+                st.contains(reason) && st.contains("\tNumber of peers: 1\n")
+            },
+        );
+        assert!(
+            pings(&lab, "pod-1a", "198.19.3.10", 1),
+            "node-3 must be unaffected"
+        );
+    }
+    let log = std::fs::read_to_string(format!("{}/nodes/node-1/agent.log", lab.dir())).unwrap();
+    assert!(
+        log.contains("no WireGuard peer for this node") && log.contains("node-2"),
+        "{log}"
+    );
+    // The agent puts its real key back.
+    ok(&["lab", "agent", "--name", &lab.0, "start", "node-2"]);
+    wait_for(
+        "pod-1a to reach pod-2a again",
+        Duration::from_secs(8),
+        || pings(&lab, "pod-1a", "198.19.2.10", 1),
+    );
 }

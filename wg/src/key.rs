@@ -13,12 +13,20 @@ pub const KEY_LEN: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    #[error("the WireGuard key file {path} has {len} bytes, expected {KEY_LEN} raw bytes; delete it to have a new key generated")]
+    #[error(
+        "the WireGuard key file {path} has {len} bytes, expected {KEY_LEN} raw bytes; delete it to have a new key generated"
+    )]
     WrongSize { path: PathBuf, len: usize },
-    #[error("the WireGuard key file {path} has mode {mode:o}; it must be readable by its owner only: chmod 0600 {path}")]
+    #[error(
+        "the WireGuard key file {path} has mode {mode:o}; it must be readable by its owner only: chmod 0600 {path}"
+    )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0:?} is not a WireGuard public key: expected 32 bytes in base64")]
     Unparsable(String),
     #[error("the all-zero public key is not a valid WireGuard key")]
@@ -30,7 +38,9 @@ pub struct PrivateKey(x25519_dalek::StaticSecret);
 
 impl PrivateKey {
     pub fn generate() -> Self {
-        Self(x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng))
+        Self(x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ))
     }
 
     pub fn from_bytes(mut bytes: [u8; KEY_LEN]) -> Self {
@@ -60,18 +70,31 @@ impl PrivateKey {
 
     /// Loads the key file, or creates it (0600) with a fresh key if it does not exist.
     pub fn load_or_generate(path: &Path) -> Result<Self, KeyError> {
-        let io = |what, source| KeyError::Io { what, path: path.to_path_buf(), source };
+        let io = |what, source| KeyError::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        };
         match std::fs::metadata(path) {
             Ok(meta) => {
                 let mode = meta.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
-                    return Err(KeyError::Permissions { path: path.to_path_buf(), mode });
+                    return Err(KeyError::Permissions {
+                        path: path.to_path_buf(),
+                        mode,
+                    });
                 }
-                let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| io("reading the WireGuard key file", e))?);
-                let arr: [u8; KEY_LEN] = bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| KeyError::WrongSize { path: path.to_path_buf(), len: bytes.len() })?;
+                let bytes = Zeroizing::new(
+                    std::fs::read(path).map_err(|e| io("reading the WireGuard key file", e))?,
+                );
+                let arr: [u8; KEY_LEN] =
+                    bytes
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| KeyError::WrongSize {
+                            path: path.to_path_buf(),
+                            len: bytes.len(),
+                        })?;
                 Ok(Self::from_bytes(arr))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -87,8 +110,10 @@ impl PrivateKey {
                     .mode(0o600)
                     .open(&tmp)
                     .map_err(|e| io("creating the WireGuard key file", e))?;
-                f.write_all(key.0.as_bytes()).map_err(|e| io("writing the WireGuard key file", e))?;
-                f.sync_all().map_err(|e| io("writing the WireGuard key file", e))?;
+                f.write_all(key.0.as_bytes())
+                    .map_err(|e| io("writing the WireGuard key file", e))?;
+                f.sync_all()
+                    .map_err(|e| io("writing the WireGuard key file", e))?;
                 std::fs::rename(&tmp, path).map_err(|e| io("writing the WireGuard key file", e))?;
                 Ok(key)
             }
@@ -113,7 +138,9 @@ impl PublicKey {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(s.trim())
             .map_err(|_| KeyError::Unparsable(s.to_string()))?;
-        let arr: [u8; KEY_LEN] = bytes.try_into().map_err(|_| KeyError::Unparsable(s.to_string()))?;
+        let arr: [u8; KEY_LEN] = bytes
+            .try_into()
+            .map_err(|_| KeyError::Unparsable(s.to_string()))?;
         if arr == [0; KEY_LEN] {
             return Err(KeyError::AllZero);
         }
@@ -156,11 +183,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("cilium_wg0.key");
         let a = PrivateKey::load_or_generate(&p).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(std::fs::read(&p).unwrap().len(), 32);
         let b = PrivateKey::load_or_generate(&p).unwrap();
         assert_eq!(a.public_key(), b.public_key());
-        assert!(!format!("{a:?}").contains(&*a.to_hex()), "Debug must not show the secret");
+        assert!(
+            !format!("{a:?}").contains(&*a.to_hex()),
+            "Debug must not show the secret"
+        );
     }
 
     #[test]
@@ -170,7 +203,10 @@ mod tests {
         std::fs::write(&p, [1u8; 31]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = PrivateKey::load_or_generate(&p).unwrap_err();
-        assert!(e.to_string().contains("31 bytes") && e.to_string().contains("delete it"), "{e}");
+        assert!(
+            e.to_string().contains("31 bytes") && e.to_string().contains("delete it"),
+            "{e}"
+        );
         std::fs::write(&p, [1u8; 32]).unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = PrivateKey::load_or_generate(&p).unwrap_err();
@@ -181,8 +217,17 @@ mod tests {
     fn public_key_parsing() {
         let k = PrivateKey::generate().public_key();
         assert_eq!(PublicKey::parse_base64(&k.to_base64()).unwrap(), k);
-        assert!(matches!(PublicKey::parse_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="), Err(KeyError::AllZero)));
-        assert!(matches!(PublicKey::parse_base64("garbage"), Err(KeyError::Unparsable(_))));
-        assert!(matches!(PublicKey::parse_base64("AAAA"), Err(KeyError::Unparsable(_))));
+        assert!(matches!(
+            PublicKey::parse_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            Err(KeyError::AllZero)
+        ));
+        assert!(matches!(
+            PublicKey::parse_base64("garbage"),
+            Err(KeyError::Unparsable(_))
+        ));
+        assert!(matches!(
+            PublicKey::parse_base64("AAAA"),
+            Err(KeyError::Unparsable(_))
+        ));
     }
 }

@@ -21,7 +21,10 @@ pub fn socket_path(iface: &str) -> PathBuf {
 #[derive(Debug, thiserror::Error)]
 pub enum UapiError {
     #[error("cannot reach the WireGuard device at {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the WireGuard device: {0}")]
     Io(#[from] std::io::Error),
     #[error("the WireGuard device refused the configuration (errno {0})")]
@@ -55,7 +58,10 @@ pub struct DeviceUpdate {
 impl std::fmt::Debug for DeviceUpdate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceUpdate")
-            .field("private_key", &self.private_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "private_key",
+                &self.private_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("listen_port", &self.listen_port)
             .field("fwmark", &self.fwmark)
             .field("replace_peers", &self.replace_peers)
@@ -118,8 +124,13 @@ impl DeviceUpdate {
     pub fn parse(lines: &[String]) -> Result<Self, UapiError> {
         let mut u = DeviceUpdate::default();
         for line in lines {
-            let bad = |reason: &str| UapiError::Malformed { line: redact(line), reason: reason.into() };
-            let (k, v) = line.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+            let bad = |reason: &str| UapiError::Malformed {
+                line: redact(line),
+                reason: reason.into(),
+            };
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
             let truth = || match v {
                 "true" => Ok(true),
                 "false" => Ok(false),
@@ -130,21 +141,33 @@ impl DeviceUpdate {
                     PrivateKey::from_hex(v).ok_or_else(|| bad("expected 64 hex digits"))?;
                     u.private_key = Some(Zeroizing::new(v.to_string()));
                 }
-                ("listen_port", None) => u.listen_port = Some(v.parse().map_err(|_| bad("expected a port"))?),
-                ("fwmark", None) => u.fwmark = Some(v.parse().map_err(|_| bad("expected a number"))?),
+                ("listen_port", None) => {
+                    u.listen_port = Some(v.parse().map_err(|_| bad("expected a port"))?)
+                }
+                ("fwmark", None) => {
+                    u.fwmark = Some(v.parse().map_err(|_| bad("expected a number"))?)
+                }
                 ("replace_peers", None) => u.replace_peers = truth()?,
                 ("public_key", _) => {
-                    let key = PublicKey::from_hex(v).ok_or_else(|| bad("expected 64 hex digits"))?;
-                    u.peers.push(PeerUpdate { public_key: Some(key), ..Default::default() });
+                    let key =
+                        PublicKey::from_hex(v).ok_or_else(|| bad("expected 64 hex digits"))?;
+                    u.peers.push(PeerUpdate {
+                        public_key: Some(key),
+                        ..Default::default()
+                    });
                 }
                 ("remove", Some(p)) => p.remove = truth()?,
                 ("update_only", Some(p)) => p.update_only = truth()?,
-                ("endpoint", Some(p)) => p.endpoint = Some(v.parse().map_err(|_| bad("expected ip:port"))?),
+                ("endpoint", Some(p)) => {
+                    p.endpoint = Some(v.parse().map_err(|_| bad("expected ip:port"))?)
+                }
                 ("persistent_keepalive_interval", Some(p)) => {
                     p.persistent_keepalive = Some(v.parse().map_err(|_| bad("expected seconds"))?)
                 }
                 ("replace_allowed_ips", Some(p)) => p.replace_allowed_ips = truth()?,
-                ("allowed_ip", Some(p)) => p.allowed_ips.push(v.parse().map_err(|_| bad("expected a CIDR"))?),
+                ("allowed_ip", Some(p)) => p
+                    .allowed_ips
+                    .push(v.parse().map_err(|_| bad("expected a CIDR"))?),
                 ("preshared_key" | "protocol_version", Some(_)) => {}
                 _ => return Err(bad("unknown or misplaced key")),
             }
@@ -154,7 +177,11 @@ impl DeviceUpdate {
 }
 
 fn redact(line: &str) -> String {
-    if line.starts_with("private_key=") || line.starts_with("preshared_key=") { "<secret>=<redacted>".into() } else { line.to_string() }
+    if line.starts_with("private_key=") || line.starts_with("preshared_key=") {
+        "<secret>=<redacted>".into()
+    } else {
+        line.to_string()
+    }
 }
 
 /// What `get=1` returns about one peer.
@@ -201,9 +228,17 @@ impl DeviceInfo {
                 .last_handshake
                 .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
                 .map_or((0, 0), |d| (d.as_secs(), d.subsec_nanos()));
-            s.push_str(&format!("last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"));
-            s.push_str(&format!("tx_bytes={}\nrx_bytes={}\n", p.tx_bytes, p.rx_bytes));
-            s.push_str(&format!("persistent_keepalive_interval={}\n", p.persistent_keepalive));
+            s.push_str(&format!(
+                "last_handshake_time_sec={sec}\nlast_handshake_time_nsec={nsec}\n"
+            ));
+            s.push_str(&format!(
+                "tx_bytes={}\nrx_bytes={}\n",
+                p.tx_bytes, p.rx_bytes
+            ));
+            s.push_str(&format!(
+                "persistent_keepalive_interval={}\n",
+                p.persistent_keepalive
+            ));
             for a in &p.allowed_ips {
                 s.push_str(&format!("allowed_ip={a}\n"));
             }
@@ -216,10 +251,17 @@ impl DeviceInfo {
     fn parse(lines: &[String]) -> Result<Self, UapiError> {
         let mut d = DeviceInfo::default();
         for line in lines {
-            let bad = |reason: &str| UapiError::Malformed { line: redact(line), reason: reason.into() };
-            let (k, v) = line.split_once('=').ok_or_else(|| bad("expected key=value"))?;
+            let bad = |reason: &str| UapiError::Malformed {
+                line: redact(line),
+                reason: reason.into(),
+            };
+            let (k, v) = line
+                .split_once('=')
+                .ok_or_else(|| bad("expected key=value"))?;
             match (k, d.peers.last_mut()) {
-                ("private_key", None) => d.public_key = PrivateKey::from_hex(v).map(|k| k.public_key()),
+                ("private_key", None) => {
+                    d.public_key = PrivateKey::from_hex(v).map(|k| k.public_key())
+                }
                 ("listen_port", None) => d.listen_port = v.parse().map_err(|_| bad("port"))?,
                 ("fwmark", None) => d.fwmark = v.parse().map_err(|_| bad("fwmark"))?,
                 ("public_key", _) => d.peers.push(PeerInfo {
@@ -235,11 +277,14 @@ impl DeviceInfo {
                 ("allowed_ip", Some(p)) => p.allowed_ips.push(v.parse().map_err(|_| bad("CIDR"))?),
                 ("last_handshake_time_sec", Some(p)) => {
                     let s: u64 = v.parse().map_err(|_| bad("seconds"))?;
-                    p.last_handshake = (s > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+                    p.last_handshake =
+                        (s > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
                 }
                 ("rx_bytes", Some(p)) => p.rx_bytes = v.parse().map_err(|_| bad("bytes"))?,
                 ("tx_bytes", Some(p)) => p.tx_bytes = v.parse().map_err(|_| bad("bytes"))?,
-                ("persistent_keepalive_interval", Some(p)) => p.persistent_keepalive = v.parse().map_err(|_| bad("seconds"))?,
+                ("persistent_keepalive_interval", Some(p)) => {
+                    p.persistent_keepalive = v.parse().map_err(|_| bad("seconds"))?
+                }
                 ("errno", _) => {
                     let n: i32 = v.parse().map_err(|_| bad("errno"))?;
                     if n != 0 {
@@ -280,7 +325,10 @@ impl Client {
     }
 
     fn connect(&self) -> Result<UnixStream, UapiError> {
-        let s = UnixStream::connect(&self.path).map_err(|source| UapiError::Connect { path: self.path.clone(), source })?;
+        let s = UnixStream::connect(&self.path).map_err(|source| UapiError::Connect {
+            path: self.path.clone(),
+            source,
+        })?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(s)
     }
@@ -312,7 +360,10 @@ pub fn read_request(r: &mut impl std::io::BufRead) -> Result<Option<Request>, Ua
         None => Ok(None),
         Some((first, _)) if first == "get=1" => Ok(Some(Request::Get)),
         Some((first, rest)) if first == "set=1" => Ok(Some(Request::Set(rest.to_vec()))),
-        Some((first, _)) => Err(UapiError::Malformed { line: redact(first), reason: "expected get=1 or set=1".into() }),
+        Some((first, _)) => Err(UapiError::Malformed {
+            line: redact(first),
+            reason: "expected get=1 or set=1".into(),
+        }),
     }
 }
 
@@ -339,7 +390,12 @@ mod tests {
         .with_private_key(&key);
         let text = u.to_text();
         assert!(!format!("{u:?}").contains(&*key.to_hex()));
-        let lines: Vec<String> = text.lines().skip(1).filter(|l| !l.is_empty()).map(str::to_string).collect();
+        let lines: Vec<String> = text
+            .lines()
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
         let back = DeviceUpdate::parse(&lines).unwrap();
         assert_eq!(back.peers, u.peers);
         assert_eq!(back.listen_port, Some(51871));
@@ -348,9 +404,16 @@ mod tests {
 
     #[test]
     fn malformed_lines_are_named_and_secrets_redacted() {
-        let e = DeviceUpdate::parse(&["private_key=zz".into()]).err().unwrap();
-        assert!(e.to_string().contains("<redacted>") && !e.to_string().contains("zz"), "{e}");
-        let e = DeviceUpdate::parse(&["allowed_ip=1.2.3.0/24".into()]).err().unwrap();
+        let e = DeviceUpdate::parse(&["private_key=zz".into()])
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("<redacted>") && !e.to_string().contains("zz"),
+            "{e}"
+        );
+        let e = DeviceUpdate::parse(&["allowed_ip=1.2.3.0/24".into()])
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("misplaced"), "{e}");
     }
 }

@@ -28,12 +28,20 @@ const MAX_PACKET: usize = 65_535;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("creating the TUN device {name}: {source}; is /dev/net/tun available and are we CAP_NET_ADMIN?")]
-    Tun { name: String, source: std::io::Error },
+    #[error(
+        "creating the TUN device {name}: {source}; is /dev/net/tun available and are we CAP_NET_ADMIN?"
+    )]
+    Tun {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("binding UDP port {port}: {source}")]
     Udp { port: u16, source: std::io::Error },
     #[error("serving the UAPI socket {path}: {source}")]
-    Uapi { path: PathBuf, source: std::io::Error },
+    Uapi {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 struct Peer {
@@ -47,7 +55,11 @@ struct Peer {
 
 impl Peer {
     fn allows(&self, ip: IpAddr) -> bool {
-        self.allowed_ips.read().unwrap_or_else(|p| p.into_inner()).iter().any(|n| n.contains(&ip))
+        self.allowed_ips
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 }
 
@@ -65,7 +77,12 @@ impl State {
     fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
         let mut best: Option<(u8, &Arc<Peer>)> = None;
         for p in self.peers.values() {
-            for n in p.allowed_ips.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            for n in p
+                .allowed_ips
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
                 if n.contains(&dst) && best.is_none_or(|(len, _)| n.prefix_len() > len) {
                     best = Some((n.prefix_len(), p));
                 }
@@ -106,11 +123,16 @@ impl Device {
                 .peers
                 .values()
                 .map(|p| {
-                    let (since, tx, rx, _, _) = p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
+                    let (since, tx, rx, _, _) =
+                        p.tunn.lock().unwrap_or_else(|e| e.into_inner()).stats();
                     PeerInfo {
                         public_key: p.public_key,
                         endpoint: *p.endpoint.read().unwrap_or_else(|e| e.into_inner()),
-                        allowed_ips: p.allowed_ips.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                        allowed_ips: p
+                            .allowed_ips
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone(),
                         last_handshake: since.and_then(|d| now.checked_sub(d)),
                         rx_bytes: rx as u64,
                         tx_bytes: tx as u64,
@@ -126,11 +148,17 @@ impl Device {
         if let Some(port) = u.listen_port
             && port != self.listen_port
         {
-            warn!(port, bound = self.listen_port, "the listen port is fixed when the device starts");
+            warn!(
+                port,
+                bound = self.listen_port,
+                "the listen port is fixed when the device starts"
+            );
             return Err(libc::EINVAL);
         }
         if let Some(mark) = u.fwmark {
-            if let Err(e) = nix::sys::socket::setsockopt(&self.udp, nix::sys::socket::sockopt::Mark, &mark) {
+            if let Err(e) =
+                nix::sys::socket::setsockopt(&self.udp, nix::sys::socket::sockopt::Mark, &mark)
+            {
                 warn!(error = %e, "setting the fwmark failed");
                 return Err(libc::EPERM);
             }
@@ -140,7 +168,10 @@ impl Device {
             let key = PrivateKey::from_hex(hex).ok_or(libc::EINVAL)?;
             let public = x25519_dalek::PublicKey::from(key.secret());
             for p in st.peers.values() {
-                p.tunn.lock().unwrap_or_else(|e| e.into_inner()).set_static_private(key.secret().clone(), public, None);
+                p.tunn
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_static_private(key.secret().clone(), public, None);
             }
             st.private = Some(key);
         }
@@ -226,9 +257,15 @@ impl Device {
                     continue;
                 }
             };
-            let Some(dst) = Tunn::dst_address(&buf[..n]) else { continue };
-            let Some(peer) = self.state().route(dst) else { continue };
-            let Some(endpoint) = *peer.endpoint.read().unwrap_or_else(|e| e.into_inner()) else { continue };
+            let Some(dst) = Tunn::dst_address(&buf[..n]) else {
+                continue;
+            };
+            let Some(peer) = self.state().route(dst) else {
+                continue;
+            };
+            let Some(endpoint) = *peer.endpoint.read().unwrap_or_else(|e| e.into_inner()) else {
+                continue;
+            };
             let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
             if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&buf[..n], &mut out) {
                 self.send(d, endpoint);
@@ -249,20 +286,28 @@ impl Device {
                     continue;
                 }
             };
-            let Ok(packet) = Tunn::parse_incoming_packet(&buf[..n]) else { continue };
+            let Ok(packet) = Tunn::parse_incoming_packet(&buf[..n]) else {
+                continue;
+            };
             let peer = {
                 let st = self.state();
                 match packet {
                     Packet::HandshakeInit(p) => {
-                        let Some(private) = st.private.as_ref() else { continue };
+                        let Some(private) = st.private.as_ref() else {
+                            continue;
+                        };
                         let public = x25519_dalek::PublicKey::from(private.secret());
                         match parse_handshake_anon(private.secret(), &public, &p) {
                             Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
                             Err(_) => None,
                         }
                     }
-                    Packet::HandshakeResponse(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-                    Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                    Packet::HandshakeResponse(p) => {
+                        st.by_index.get(&(p.receiver_idx >> 8)).cloned()
+                    }
+                    Packet::PacketCookieReply(p) => {
+                        st.by_index.get(&(p.receiver_idx >> 8)).cloned()
+                    }
                     Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
                 }
             };
@@ -272,7 +317,8 @@ impl Device {
                 TunnResult::WriteToNetwork(d) => {
                     self.send(d, src);
                     // Flush packets that waited for the handshake.
-                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut out) {
+                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut out)
+                    {
                         self.send(d, src);
                     }
                     *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
@@ -285,8 +331,12 @@ impl Device {
                     let _ = tun.write(d);
                     *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
                 }
-                TunnResult::WriteToTunnelV4(_, addr) => debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs"),
-                TunnResult::WriteToTunnelV6(_, addr) => debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs"),
+                TunnResult::WriteToTunnelV4(_, addr) => {
+                    debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs")
+                }
+                TunnResult::WriteToTunnelV6(_, addr) => {
+                    debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs")
+                }
                 TunnResult::Err(e) => debug!(peer = %peer.public_key, error = ?e, "packet refused"),
                 TunnResult::Done => {
                     *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
@@ -301,7 +351,9 @@ impl Device {
             std::thread::sleep(Duration::from_millis(100));
             let peers: Vec<Arc<Peer>> = self.state().peers.values().cloned().collect();
             for p in peers {
-                let Some(endpoint) = *p.endpoint.read().unwrap_or_else(|e| e.into_inner()) else { continue };
+                let Some(endpoint) = *p.endpoint.read().unwrap_or_else(|e| e.into_inner()) else {
+                    continue;
+                };
                 let mut tunn = p.tunn.lock().unwrap_or_else(|e| e.into_inner());
                 if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut out) {
                     self.send(d, endpoint);
@@ -313,13 +365,19 @@ impl Device {
     fn uapi_loop(&self, listener: UnixListener) {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let Ok(read_half) = conn.try_clone() else { continue };
+            let Ok(read_half) = conn.try_clone() else {
+                continue;
+            };
             let mut reader = BufReader::new(read_half);
             loop {
                 let answer = match uapi::read_request(&mut reader) {
                     Ok(None) => break,
                     Ok(Some(Request::Get)) => {
-                        let st_key = self.state().private.as_ref().map(|k| PrivateKey::from_bytes(k.secret().to_bytes()));
+                        let st_key = self
+                            .state()
+                            .private
+                            .as_ref()
+                            .map(|k| PrivateKey::from_bytes(k.secret().to_bytes()));
                         self.info().to_text(st_key.as_ref())
                     }
                     Ok(Some(Request::Set(lines))) => {
@@ -350,15 +408,26 @@ impl Device {
 
 /// Creates the device and serves it until SIGTERM/SIGINT.
 pub fn run(opts: Options) -> Result<(), DeviceError> {
-    let tun = crate::tun::open(&opts.interface).map_err(|source| DeviceError::Tun { name: opts.interface.clone(), source })?;
-    let udp = UdpSocket::bind(("0.0.0.0", opts.listen_port)).map_err(|source| DeviceError::Udp { port: opts.listen_port, source })?;
-    let uapi_err = |source| DeviceError::Uapi { path: opts.uapi_socket.clone(), source };
+    let tun = crate::tun::open(&opts.interface).map_err(|source| DeviceError::Tun {
+        name: opts.interface.clone(),
+        source,
+    })?;
+    let udp =
+        UdpSocket::bind(("0.0.0.0", opts.listen_port)).map_err(|source| DeviceError::Udp {
+            port: opts.listen_port,
+            source,
+        })?;
+    let uapi_err = |source| DeviceError::Uapi {
+        path: opts.uapi_socket.clone(),
+        source,
+    };
     if let Some(dir) = opts.uapi_socket.parent() {
         std::fs::create_dir_all(dir).map_err(uapi_err)?;
     }
     let _ = std::fs::remove_file(&opts.uapi_socket);
     let listener = UnixListener::bind(&opts.uapi_socket).map_err(uapi_err)?;
-    std::fs::set_permissions(&opts.uapi_socket, std::fs::Permissions::from_mode(0o600)).map_err(uapi_err)?;
+    std::fs::set_permissions(&opts.uapi_socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(uapi_err)?;
     let dev = Arc::new(Device {
         name: opts.interface.clone(),
         listen_port: opts.listen_port,
@@ -376,7 +445,9 @@ pub fn run(opts: Options) -> Result<(), DeviceError> {
     let _ = signals.thread_block();
     let spawn = |name: &str, f: fn(&Device)| {
         let d = dev.clone();
-        std::thread::Builder::new().name(name.into()).spawn(move || f(&d))
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || f(&d))
     };
     let threads = [
         spawn("wg-tun", Device::tun_loop),
@@ -384,7 +455,10 @@ pub fn run(opts: Options) -> Result<(), DeviceError> {
         spawn("wg-timers", Device::timer_loop),
     ];
     if let Some(e) = threads.iter().find_map(|t| t.as_ref().err()) {
-        return Err(DeviceError::Tun { name: opts.interface.clone(), source: std::io::Error::other(e.to_string()) });
+        return Err(DeviceError::Tun {
+            name: opts.interface.clone(),
+            source: std::io::Error::other(e.to_string()),
+        });
     }
     {
         let d = dev.clone();

@@ -35,7 +35,10 @@ fn installed(pkg: &str) -> bool {
 fn setup() -> Result<()> {
     let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
     if missing.is_empty() {
-        eprintln!("xtask setup: all {} Debian packages present", PACKAGES.len());
+        eprintln!(
+            "xtask setup: all {} Debian packages present",
+            PACKAGES.len()
+        );
     } else {
         for (p, why) in &missing {
             eprintln!("xtask setup: installing {p} ({why})");
@@ -43,25 +46,37 @@ fn setup() -> Result<()> {
         if !nix_is_root() {
             bail!("installing packages needs root: run `sudo cargo xtask setup`");
         }
-        sh(Command::new("apt-get").args(["update", "-qq"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+        sh(Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
         sh(Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
             .args(missing.iter().map(|(p, _)| *p))
             .env("DEBIAN_FRONTEND", "noninteractive"))?;
     }
     if which("kubectl").is_none() {
-        eprintln!("xtask setup: kubectl is not installed; the kubectl compatibility tests need it (Debian: kubernetes-client)");
+        eprintln!(
+            "xtask setup: kubectl is not installed; the kubectl compatibility tests need it (Debian: kubernetes-client)"
+        );
     }
     Ok(())
 }
 
 fn nix_is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 fn which(bin: &str) -> Option<String> {
-    let out = Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 fn cargo() -> Command {
@@ -74,8 +89,13 @@ fn build() -> Result<()> {
 }
 
 fn meshd_bin() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default();
-    let target = std::env::var("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| root.join("target"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
     target.join("debug").join("meshd")
 }
 
@@ -86,17 +106,51 @@ fn lab(args: &[String]) -> Result<()> {
     let meshd = meshd_bin();
     let name = "demo";
     // A previous demo that was kept or crashed.
-    let _ = Command::new(&meshd).args(["lab", "down", "--name", name]).status();
+    let _ = Command::new(&meshd)
+        .args(["lab", "down", "--name", name])
+        .status();
     eprintln!("xtask lab: bringing up a 3-node lab with 2 pods per node");
-    sh(Command::new(&meshd).args(["lab", "up", "--name", name, "--nodes", "3", "--pods-per-node", "2"]))?;
+    sh(Command::new(&meshd).args([
+        "lab",
+        "up",
+        "--name",
+        name,
+        "--nodes",
+        "3",
+        "--pods-per-node",
+        "2",
+    ]))?;
     let result = (|| -> Result<()> {
         sh(Command::new(&meshd).args(["lab", "status", "--name", name]))?;
-        eprintln!("\nxtask lab: the agent's view on node-1 (`meshd lab exec node-1 -- meshd status`):");
-        sh(Command::new(&meshd).args(["lab", "exec", "--name", name, "node-1", "--"]).arg(&meshd).arg("status"))?;
+        eprintln!(
+            "\nxtask lab: the agent's view on node-1 (`meshd lab exec node-1 -- meshd status`):"
+        );
+        sh(Command::new(&meshd)
+            .args(["lab", "exec", "--name", name, "node-1", "--"])
+            .arg(&meshd)
+            .arg("status"))?;
+        for node in ["node-1", "node-2", "node-3"] {
+            eprintln!("\nxtask lab: `meshd encrypt status` on {node}:");
+            sh(Command::new(&meshd)
+                .args(["lab", "exec", "--name", name, node, "--"])
+                .arg(&meshd)
+                .args(["encrypt", "status"]))?;
+        }
+        eprintln!(
+            "\nxtask lab: `wg show` inside node-1 (the userspace device answers the WireGuard UAPI):"
+        );
+        sh(Command::new(&meshd)
+            .args(["lab", "exec", "--name", name, "node-1", "--", "wg", "show"]))?;
+        eprintln!("\nxtask lab: what crosses the underlay while pods talk across nodes:");
+        sh(Command::new(&meshd).args(["lab", "capture", "--name", name]))?;
         Ok(())
     })();
     if keep {
-        eprintln!("\nxtask lab: left up (--keep). Try:\n  {} lab status --name {name}\n  kubectl --kubeconfig /run/meshd-lab/{name}/admin.kubeconfig get ciliumnodes -o wide\n  {} lab down --name {name}", meshd.display(), meshd.display());
+        eprintln!(
+            "\nxtask lab: left up (--keep). Try:\n  {} lab status --name {name}\n  kubectl --kubeconfig /run/meshd-lab/{name}/admin.kubeconfig get ciliumnodes -o wide\n  {} lab down --name {name}",
+            meshd.display(),
+            meshd.display()
+        );
     } else {
         eprintln!("\nxtask lab: tearing down (use --keep to leave it up)");
         sh(Command::new(&meshd).args(["lab", "down", "--name", name]))?;

@@ -59,7 +59,8 @@ fn tls_acceptor(cert_pem: &str, key_pem: &str) -> Result<TlsAcceptor, ServeError
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| ServeError::Tls(format!("certificate: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| ServeError::Tls(format!("key: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| ServeError::Tls(format!("key: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -82,7 +83,10 @@ impl ApiServer {
     }
 
     pub fn authorized(&self, token: &str) -> bool {
-        self.tokens.read().unwrap_or_else(|p| p.into_inner()).contains(token)
+        self.tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(token)
     }
 
     pub fn set_tokens(&self, tokens: HashSet<String>) {
@@ -142,14 +146,26 @@ pub async fn run_lab_server(
 ) -> anyhow::Result<()> {
     use anyhow::Context as _;
     let dir = dir.to_path_buf();
-    let read = move |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
+    let read = move |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .with_context(|| format!("reading {}", dir.join(f).display()))
+    };
     let read_tokens = {
         let read = read.clone();
         move || -> anyhow::Result<HashSet<String>> {
-        Ok(read("tokens")?.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+            Ok(read("tokens")?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect())
         }
     };
-    let server = ApiServer::new(default_config(read("apiserver.pem")?, read("apiserver-key.pem")?, read_tokens()?))?;
+    let server = ApiServer::new(default_config(
+        read("apiserver.pem")?,
+        read("apiserver-key.pem")?,
+        read_tokens()?,
+    ))?;
     // `lab` adds a token per node and sends SIGHUP.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let reloading = server.clone();
@@ -191,14 +207,24 @@ impl Drop for LocalServer {
 pub async fn spawn_local(dir: &std::path::Path, history: usize) -> anyhow::Result<LocalServer> {
     let certs = crate::pki::generate("local", &[std::net::Ipv4Addr::LOCALHOST.into()])?;
     let token = crate::pki::token();
-    let mut config = default_config(certs.cert_pem.clone(), certs.key_pem.clone(), HashSet::from([token.clone()]));
+    let mut config = default_config(
+        certs.cert_pem.clone(),
+        certs.key_pem.clone(),
+        HashSet::from([token.clone()]),
+    );
     config.history = history;
     config.bookmark_interval = Duration::from_secs(1);
     let server = ApiServer::new(config)?;
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let port = listener.local_addr()?.port();
     let kubeconfig = dir.join("admin.kubeconfig");
-    let kc = crate::pki::kubeconfig("local", &format!("https://127.0.0.1:{port}"), &certs.ca_pem, "admin", &token);
+    let kc = crate::pki::kubeconfig(
+        "local",
+        &format!("https://127.0.0.1:{port}"),
+        &certs.ca_pem,
+        "admin",
+        &token,
+    );
     crate::pki::write_private(&kubeconfig, kc.as_bytes())?;
     let s = server.clone();
     let task = tokio::spawn(async move {
@@ -206,5 +232,10 @@ pub async fn spawn_local(dir: &std::path::Path, history: usize) -> anyhow::Resul
             warn!(error = %e, "local API server stopped");
         }
     });
-    Ok(LocalServer { server, kubeconfig, port, task })
+    Ok(LocalServer {
+        server,
+        kubeconfig,
+        port,
+        task,
+    })
 }

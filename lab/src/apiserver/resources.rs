@@ -73,7 +73,10 @@ fn s(v: &Value, path: &[&str]) -> String {
 fn node_address(v: &Value, kind: &str) -> String {
     v.pointer("/spec/addresses")
         .and_then(Value::as_array)
-        .and_then(|a| a.iter().find(|a| a.get("type").and_then(Value::as_str) == Some(kind)))
+        .and_then(|a| {
+            a.iter()
+                .find(|a| a.get("type").and_then(Value::as_str) == Some(kind))
+        })
         .and_then(|a| a.get("ip").and_then(Value::as_str))
         .unwrap_or("<none>")
         .to_string()
@@ -81,7 +84,11 @@ fn node_address(v: &Value, kind: &str) -> String {
 
 fn joined(v: &Value, pointer: &str) -> String {
     match v.pointer(pointer).and_then(Value::as_array) {
-        Some(a) if !a.is_empty() => a.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(","),
+        Some(a) if !a.is_empty() => a
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
         _ => "<none>".into(),
     }
 }
@@ -95,10 +102,26 @@ fn annotation(v: &Value, key: &str) -> String {
 }
 
 const CILIUM_NODE_COLUMNS: &[Column] = &[
-    Column { name: "CiliumInternalIP", priority: 0, cell: |v| node_address(v, "CiliumInternalIP") },
-    Column { name: "InternalIP", priority: 0, cell: |v| node_address(v, "InternalIP") },
-    Column { name: "PodCIDRs", priority: 1, cell: |v| joined(v, "/spec/ipam/podCIDRs") },
-    Column { name: "EncryptKey", priority: 1, cell: |v| s(v, &["spec", "encryption", "key"]) },
+    Column {
+        name: "CiliumInternalIP",
+        priority: 0,
+        cell: |v| node_address(v, "CiliumInternalIP"),
+    },
+    Column {
+        name: "InternalIP",
+        priority: 0,
+        cell: |v| node_address(v, "InternalIP"),
+    },
+    Column {
+        name: "PodCIDRs",
+        priority: 1,
+        cell: |v| joined(v, "/spec/ipam/podCIDRs"),
+    },
+    Column {
+        name: "EncryptKey",
+        priority: 1,
+        cell: |v| s(v, &["spec", "encryption", "key"]),
+    },
     Column {
         name: "WireGuardPubKey",
         priority: 1,
@@ -107,8 +130,16 @@ const CILIUM_NODE_COLUMNS: &[Column] = &[
 ];
 
 const CILIUM_ENDPOINT_COLUMNS: &[Column] = &[
-    Column { name: "Security Identity", priority: 0, cell: |v| s(v, &["status", "identity", "id"]) },
-    Column { name: "Endpoint State", priority: 0, cell: |v| s(v, &["status", "state"]) },
+    Column {
+        name: "Security Identity",
+        priority: 0,
+        cell: |v| s(v, &["status", "identity", "id"]),
+    },
+    Column {
+        name: "Endpoint State",
+        priority: 0,
+        cell: |v| s(v, &["status", "state"]),
+    },
     Column {
         name: "IPv4",
         priority: 0,
@@ -119,7 +150,11 @@ const CILIUM_ENDPOINT_COLUMNS: &[Column] = &[
                 .to_string()
         },
     },
-    Column { name: "Node", priority: 1, cell: |v| s(v, &["status", "networking", "node"]) },
+    Column {
+        name: "Node",
+        priority: 1,
+        cell: |v| s(v, &["status", "networking", "node"]),
+    },
 ];
 
 const CILIUM_IDENTITY_COLUMNS: &[Column] = &[Column {
@@ -128,22 +163,37 @@ const CILIUM_IDENTITY_COLUMNS: &[Column] = &[Column {
     cell: |v| s(v, &["security-labels", "k8s:io.kubernetes.pod.namespace"]),
 }];
 
-const NAMESPACE_COLUMNS: &[Column] =
-    &[Column { name: "Status", priority: 0, cell: |v| s(v, &["status", "phase"]) }];
+const NAMESPACE_COLUMNS: &[Column] = &[Column {
+    name: "Status",
+    priority: 0,
+    cell: |v| s(v, &["status", "phase"]),
+}];
 
 const SECRET_COLUMNS: &[Column] = &[
-    Column { name: "Type", priority: 0, cell: |v| s(v, &["type"]) },
+    Column {
+        name: "Type",
+        priority: 0,
+        cell: |v| s(v, &["type"]),
+    },
     Column {
         name: "Data",
         priority: 0,
-        cell: |v| v.get("data").and_then(Value::as_object).map_or(0, |m| m.len()).to_string(),
+        cell: |v| {
+            v.get("data")
+                .and_then(Value::as_object)
+                .map_or(0, |m| m.len())
+                .to_string()
+        },
     },
 ];
 
 const NETWORK_POLICY_COLUMNS: &[Column] = &[Column {
     name: "Pod-Selector",
     priority: 0,
-    cell: |v| match v.pointer("/spec/podSelector/matchLabels").and_then(Value::as_object) {
+    cell: |v| match v
+        .pointer("/spec/podSelector/matchLabels")
+        .and_then(Value::as_object)
+    {
         Some(m) if !m.is_empty() => m
             .iter()
             .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))

@@ -46,7 +46,8 @@ fn split_top(s: &str) -> Vec<&str> {
 fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 316
-        && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 fn set_values(rest: &str, req: &str) -> Result<Vec<String>, String> {
@@ -54,8 +55,14 @@ fn set_values(rest: &str, req: &str) -> Result<Vec<String>, String> {
     let inner = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
-        .ok_or_else(|| format!("unable to parse requirement: {req:?}: expected a set like (a,b)"))?;
-    Ok(inner.split(',').map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).collect())
+        .ok_or_else(|| {
+            format!("unable to parse requirement: {req:?}: expected a set like (a,b)")
+        })?;
+    Ok(inner
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
 }
 
 impl LabelSelector {
@@ -66,21 +73,43 @@ impl LabelSelector {
         }
         for part in split_top(s) {
             let part = part.trim();
-            let err = || format!("unable to parse requirement: {part:?}: invalid label key or operator");
+            let err =
+                || format!("unable to parse requirement: {part:?}: invalid label key or operator");
             let req = if let Some(key) = part.strip_prefix('!') {
-                Requirement { key: key.trim().to_string(), op: Op::NotExists }
+                Requirement {
+                    key: key.trim().to_string(),
+                    op: Op::NotExists,
+                }
             } else if let Some((k, v)) = part.split_once("!=") {
-                Requirement { key: k.trim().into(), op: Op::NotEq(v.trim().into()) }
+                Requirement {
+                    key: k.trim().into(),
+                    op: Op::NotEq(v.trim().into()),
+                }
             } else if let Some((k, v)) = part.split_once("==") {
-                Requirement { key: k.trim().into(), op: Op::Eq(v.trim().into()) }
+                Requirement {
+                    key: k.trim().into(),
+                    op: Op::Eq(v.trim().into()),
+                }
             } else if let Some((k, v)) = part.split_once('=') {
-                Requirement { key: k.trim().into(), op: Op::Eq(v.trim().into()) }
+                Requirement {
+                    key: k.trim().into(),
+                    op: Op::Eq(v.trim().into()),
+                }
             } else if let Some((k, rest)) = part.split_once(" notin ") {
-                Requirement { key: k.trim().into(), op: Op::NotIn(set_values(rest, part)?) }
+                Requirement {
+                    key: k.trim().into(),
+                    op: Op::NotIn(set_values(rest, part)?),
+                }
             } else if let Some((k, rest)) = part.split_once(" in ") {
-                Requirement { key: k.trim().into(), op: Op::In(set_values(rest, part)?) }
+                Requirement {
+                    key: k.trim().into(),
+                    op: Op::In(set_values(rest, part)?),
+                }
             } else {
-                Requirement { key: part.to_string(), op: Op::Exists }
+                Requirement {
+                    key: part.to_string(),
+                    op: Op::Exists,
+                }
             };
             if !valid_key(&req.key) {
                 return Err(err());
@@ -131,7 +160,11 @@ impl FieldSelector {
 
     pub fn matches(&self, obj: &Value) -> bool {
         self.0.iter().all(|(field, negate, value)| {
-            let pointer = if field == "metadata.name" { "/metadata/name" } else { "/metadata/namespace" };
+            let pointer = if field == "metadata.name" {
+                "/metadata/name"
+            } else {
+                "/metadata/namespace"
+            };
             let actual = obj.pointer(pointer).and_then(Value::as_str).unwrap_or("");
             (actual == value) != *negate
         })
@@ -163,7 +196,11 @@ mod tests {
             ("missing notin (x)", true),
             ("", true),
         ] {
-            assert_eq!(LabelSelector::parse(sel).unwrap().matches(&o), want, "{sel}");
+            assert_eq!(
+                LabelSelector::parse(sel).unwrap().matches(&o),
+                want,
+                "{sel}"
+            );
         }
     }
 
@@ -177,9 +214,21 @@ mod tests {
     #[test]
     fn field_selector() {
         let o = obj(json!({}));
-        assert!(FieldSelector::parse("metadata.name=n1").unwrap().matches(&o));
-        assert!(!FieldSelector::parse("metadata.name!=n1").unwrap().matches(&o));
-        assert!(FieldSelector::parse("metadata.namespace=default,metadata.name==n1").unwrap().matches(&o));
+        assert!(
+            FieldSelector::parse("metadata.name=n1")
+                .unwrap()
+                .matches(&o)
+        );
+        assert!(
+            !FieldSelector::parse("metadata.name!=n1")
+                .unwrap()
+                .matches(&o)
+        );
+        assert!(
+            FieldSelector::parse("metadata.namespace=default,metadata.name==n1")
+                .unwrap()
+                .matches(&o)
+        );
         let e = FieldSelector::parse("spec.nodeName=x").unwrap_err();
         assert_eq!(e, "field label not supported: spec.nodeName");
     }

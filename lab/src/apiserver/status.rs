@@ -14,7 +14,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
-        Self { code, reason, message: message.into(), details: None }
+        Self {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
     }
 
     fn with_details(mut self, rt: &ResourceType, name: &str) -> Self {
@@ -31,19 +36,37 @@ impl ApiError {
     }
 
     pub fn not_found_path(path: &str) -> Self {
-        Self::new(404, "NotFound", format!("the server could not find the requested resource ({path})"))
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
     }
 
     pub fn not_found(rt: &ResourceType, name: &str) -> Self {
-        Self::new(404, "NotFound", format!("{} {name:?} not found", rt.qualified())).with_details(rt, name)
+        Self::new(
+            404,
+            "NotFound",
+            format!("{} {name:?} not found", rt.qualified()),
+        )
+        .with_details(rt, name)
     }
 
     pub fn method_not_allowed(method: &str) -> Self {
-        Self::new(405, "MethodNotAllowed", format!("the server does not allow this method on the requested resource ({method})"))
+        Self::new(
+            405,
+            "MethodNotAllowed",
+            format!("the server does not allow this method on the requested resource ({method})"),
+        )
     }
 
     pub fn already_exists(rt: &ResourceType, name: &str) -> Self {
-        Self::new(409, "AlreadyExists", format!("{} {name:?} already exists", rt.qualified())).with_details(rt, name)
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{} {name:?} already exists", rt.qualified()),
+        )
+        .with_details(rt, name)
     }
 
     pub fn conflict(rt: &ResourceType, name: &str) -> Self {
@@ -63,7 +86,11 @@ impl ApiError {
     }
 
     pub fn too_large(limit: usize) -> Self {
-        Self::new(413, "RequestEntityTooLarge", format!("the request body is larger than the limit of {limit} bytes"))
+        Self::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
     }
 
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
@@ -71,7 +98,12 @@ impl ApiError {
     }
 
     /// 422 with the field path first, as `kubectl` users are used to reading it.
-    pub fn invalid(rt: &ResourceType, name: &str, field: &str, detail: impl std::fmt::Display) -> Self {
+    pub fn invalid(
+        rt: &ResourceType,
+        name: &str,
+        field: &str,
+        detail: impl std::fmt::Display,
+    ) -> Self {
         let shown = if name.is_empty() { "<unnamed>" } else { name };
         let mut e = Self::new(
             422,

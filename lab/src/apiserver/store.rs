@@ -98,14 +98,19 @@ pub struct WatchStart {
 pub const MAX_NAME_LEN: usize = 253;
 
 fn now_rfc3339() -> String {
-    let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-    now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let now = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    now.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 fn valid_dns_subdomain(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
@@ -121,11 +126,15 @@ fn desired_part(obj: &Value) -> Value {
 }
 
 fn name_of(obj: &Value) -> &str {
-    obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
 }
 
 fn rv_of(obj: &Value) -> Option<&str> {
-    obj.pointer("/metadata/resourceVersion").and_then(Value::as_str).filter(|s| !s.is_empty())
+    obj.pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 impl Store {
@@ -160,8 +169,21 @@ impl Store {
         self.lock().rv
     }
 
-    fn emit(&self, inner: &mut Inner, resource: ResourceId, kind: EventType, object: Value, old: Option<Value>) {
-        let ev = Arc::new(Event { rv: inner.rv, resource, kind, object, old });
+    fn emit(
+        &self,
+        inner: &mut Inner,
+        resource: ResourceId,
+        kind: EventType,
+        object: Value,
+        old: Option<Value>,
+    ) {
+        let ev = Arc::new(Event {
+            rv: inner.rv,
+            resource,
+            kind,
+            object,
+            old,
+        });
         inner.history.push_back(ev.clone());
         while inner.history.len() > inner.history_limit {
             if let Some(e) = inner.history.pop_front() {
@@ -172,13 +194,27 @@ impl Store {
         let _ = self.events.send(ev);
     }
 
-    fn check_namespace(&self, inner: &Inner, rt: &ResourceType, ns: Option<&str>) -> Result<(), ApiError> {
+    fn check_namespace(
+        &self,
+        inner: &Inner,
+        rt: &ResourceType,
+        ns: Option<&str>,
+    ) -> Result<(), ApiError> {
         match (rt.namespaced, ns) {
-            (true, None) => Err(ApiError::bad_request(format!("{} is namespaced: use a namespace in the request path", rt.qualified()))),
-            (false, Some(_)) => Err(ApiError::not_found_path(&format!("{} is cluster-scoped", rt.qualified()))),
+            (true, None) => Err(ApiError::bad_request(format!(
+                "{} is namespaced: use a namespace in the request path",
+                rt.qualified()
+            ))),
+            (false, Some(_)) => Err(ApiError::not_found_path(&format!(
+                "{} is cluster-scoped",
+                rt.qualified()
+            ))),
             (true, Some(ns)) => {
                 let ns_id = resources::find("", "v1", "namespaces").unwrap_or_default();
-                if inner.objects.contains_key(&(ns_id, String::new(), ns.to_string())) {
+                if inner
+                    .objects
+                    .contains_key(&(ns_id, String::new(), ns.to_string()))
+                {
                     Ok(())
                 } else {
                     Err(ApiError::not_found(resources::get(ns_id), ns))
@@ -191,9 +227,17 @@ impl Store {
     /// Checks the parts of an incoming object every verb shares; fills in kind/apiVersion.
     fn validate(rt: &ResourceType, ns: Option<&str>, obj: &mut Value) -> Result<(), ApiError> {
         let Some(map) = obj.as_object_mut() else {
-            return Err(ApiError::bad_request(format!("the body of a {} must be a JSON or YAML object", rt.kind)));
+            return Err(ApiError::bad_request(format!(
+                "the body of a {} must be a JSON or YAML object",
+                rt.kind
+            )));
         };
-        let name = map.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_string();
+        let name = map
+            .get("metadata")
+            .and_then(|m| m.get("name"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         match map.get("kind").and_then(Value::as_str) {
             Some(k) if k == rt.kind => {}
             None => {
@@ -221,7 +265,12 @@ impl Store {
         }
         let meta = map.entry("metadata").or_insert_with(|| json!({}));
         let Some(meta) = meta.as_object_mut() else {
-            return Err(ApiError::invalid(rt, &name, "metadata", "must be an object"));
+            return Err(ApiError::invalid(
+                rt,
+                &name,
+                "metadata",
+                "must be an object",
+            ));
         };
         match (meta.get("namespace").and_then(Value::as_str), ns) {
             (Some(got), Some(want)) if !got.is_empty() && got != want => {
@@ -239,9 +288,16 @@ impl Store {
         }
         for field in ["labels", "annotations"] {
             if let Some(v) = meta.get(field) {
-                let ok = v.is_null() || v.as_object().is_some_and(|m| m.values().all(Value::is_string));
+                let ok = v.is_null()
+                    || v.as_object()
+                        .is_some_and(|m| m.values().all(Value::is_string));
                 if !ok {
-                    return Err(ApiError::invalid(rt, &name, &format!("metadata.{field}"), "must be a map of string keys to string values"));
+                    return Err(ApiError::invalid(
+                        rt,
+                        &name,
+                        &format!("metadata.{field}"),
+                        "must be a map of string keys to string values",
+                    ));
                 }
             }
         }
@@ -251,13 +307,19 @@ impl Store {
         Ok(())
     }
 
-    fn normalize_secret(rt: &ResourceType, name: &str, map: &mut serde_json::Map<String, Value>) -> Result<(), ApiError> {
+    fn normalize_secret(
+        rt: &ResourceType,
+        name: &str,
+        map: &mut serde_json::Map<String, Value>,
+    ) -> Result<(), ApiError> {
         use base64::Engine as _;
         let b64 = base64::engine::general_purpose::STANDARD;
         if let Some(Value::Object(sd)) = map.remove("stringData") {
             let data = map.entry("data").or_insert_with(|| json!({}));
             for (k, v) in sd {
-                let s = v.as_str().ok_or_else(|| ApiError::invalid(rt, name, &format!("stringData[{k}]"), "must be a string"))?;
+                let s = v.as_str().ok_or_else(|| {
+                    ApiError::invalid(rt, name, &format!("stringData[{k}]"), "must be a string")
+                })?;
                 data[k] = b64.encode(s).into();
             }
         }
@@ -265,7 +327,12 @@ impl Store {
             for (k, v) in data {
                 let ok = v.as_str().is_some_and(|s| b64.decode(s).is_ok());
                 if !ok {
-                    return Err(ApiError::invalid(rt, name, &format!("data[{k}]"), "must be a base64-encoded string"));
+                    return Err(ApiError::invalid(
+                        rt,
+                        name,
+                        &format!("data[{k}]"),
+                        "must be a base64-encoded string",
+                    ));
                 }
             }
         }
@@ -299,31 +366,55 @@ impl Store {
         (items, inner.rv)
     }
 
-    pub fn create(&self, rid: ResourceId, ns: Option<&str>, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn create(
+        &self,
+        rid: ResourceId,
+        ns: Option<&str>,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         let rt = resources::get(rid);
         Self::validate(rt, ns, &mut obj)?;
         let mut inner = self.lock();
         self.check_namespace(&inner, rt, ns)?;
         let mut name = name_of(&obj).to_string();
         if name.is_empty()
-            && let Some(prefix) = obj.pointer("/metadata/generateName").and_then(Value::as_str)
+            && let Some(prefix) = obj
+                .pointer("/metadata/generateName")
+                .and_then(Value::as_str)
         {
-            let suffix: String = uuid::Uuid::new_v4().simple().to_string().chars().take(5).collect();
+            let suffix: String = uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .chars()
+                .take(5)
+                .collect();
             name = format!("{prefix}{suffix}");
         }
         if name.is_empty() {
-            return Err(ApiError::invalid(rt, "", "metadata.name", "Required value: name or generateName is required"));
+            return Err(ApiError::invalid(
+                rt,
+                "",
+                "metadata.name",
+                "Required value: name or generateName is required",
+            ));
         }
         if !valid_dns_subdomain(&name) {
             return Err(ApiError::invalid(
                 rt,
                 &name,
                 "metadata.name",
-                format!("Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"),
+                format!(
+                    "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+                ),
             ));
         }
         if rv_of(&obj).is_some() {
-            return Err(ApiError::invalid(rt, &name, "metadata.resourceVersion", "must be empty on create"));
+            return Err(ApiError::invalid(
+                rt,
+                &name,
+                "metadata.resourceVersion",
+                "must be empty on create",
+            ));
         }
         let key = (rid, ns.unwrap_or("").to_string(), name.clone());
         if inner.objects.contains_key(&key) {
@@ -345,7 +436,13 @@ impl Store {
     }
 
     /// PUT: replaces the object; a stale `metadata.resourceVersion` is a 409 Conflict.
-    pub fn update(&self, rid: ResourceId, ns: Option<&str>, name: &str, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn update(
+        &self,
+        rid: ResourceId,
+        ns: Option<&str>,
+        name: &str,
+        mut obj: Value,
+    ) -> Result<Value, ApiError> {
         let rt = resources::get(rid);
         Self::validate(rt, ns, &mut obj)?;
         if name_of(&obj) != name {
@@ -362,29 +459,49 @@ impl Store {
         };
         match rv_of(&obj) {
             None if rt.custom => {
-                return Err(ApiError::invalid(rt, name, "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update"));
+                return Err(ApiError::invalid(
+                    rt,
+                    name,
+                    "metadata.resourceVersion",
+                    "Invalid value: 0x0: must be specified for an update",
+                ));
             }
             Some(rv) if Some(rv) != rv_of(&old) => return Err(ApiError::conflict(rt, name)),
             _ => {}
         }
         for field in ["uid", "creationTimestamp"] {
-            let given = obj.pointer(&format!("/metadata/{field}")).filter(|v| !v.is_null());
+            let given = obj
+                .pointer(&format!("/metadata/{field}"))
+                .filter(|v| !v.is_null());
             let had = old.pointer(&format!("/metadata/{field}"));
             if given.is_some() && given != had {
-                return Err(ApiError::invalid(rt, name, &format!("metadata.{field}"), "field is immutable"));
+                return Err(ApiError::invalid(
+                    rt,
+                    name,
+                    &format!("metadata.{field}"),
+                    "field is immutable",
+                ));
             }
         }
         if obj == old {
             return Ok(old);
         }
         let unchanged_spec = desired_part(&obj) == desired_part(&old);
-        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        let generation = old
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         inner.rv += 1;
         let meta = &mut obj["metadata"];
         meta["uid"] = old["metadata"]["uid"].clone();
         meta["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
         meta["resourceVersion"] = inner.rv.to_string().into();
-        meta["generation"] = (if unchanged_spec { generation } else { generation + 1 }).into();
+        meta["generation"] = (if unchanged_spec {
+            generation
+        } else {
+            generation + 1
+        })
+        .into();
         if rt.kind == "Namespace" && obj.get("status").is_none() {
             obj["status"] = old["status"].clone();
         }
@@ -416,7 +533,12 @@ impl Store {
             return Err(ApiError::bad_request("the patch must leave a JSON object"));
         }
         if name_of(&patched) != name {
-            return Err(ApiError::invalid(resources::get(rid), name, "metadata.name", "field is immutable"));
+            return Err(ApiError::invalid(
+                resources::get(rid),
+                name,
+                "metadata.name",
+                "field is immutable",
+            ));
         }
         if rv_of(&patched).is_none() {
             patched["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
@@ -424,7 +546,13 @@ impl Store {
         self.update(rid, ns, name, patched)
     }
 
-    pub fn delete(&self, rid: ResourceId, ns: Option<&str>, name: &str, precondition_rv: Option<&str>) -> Result<Value, ApiError> {
+    pub fn delete(
+        &self,
+        rid: ResourceId,
+        ns: Option<&str>,
+        name: &str,
+        precondition_rv: Option<&str>,
+    ) -> Result<Value, ApiError> {
         let rt = resources::get(rid);
         let mut inner = self.lock();
         self.check_namespace(&inner, rt, ns)?;
@@ -445,7 +573,12 @@ impl Store {
         self.emit(&mut inner, rid, EventType::Deleted, obj.clone(), None);
         if rt.kind == "Namespace" {
             // A namespace takes its objects with it.
-            let contained: Vec<Key> = inner.objects.keys().filter(|(_, n, _)| n == name).cloned().collect();
+            let contained: Vec<Key> = inner
+                .objects
+                .keys()
+                .filter(|(_, n, _)| n == name)
+                .cloned()
+                .collect();
             for k in contained {
                 if let Some(mut o) = inner.objects.remove(&k) {
                     inner.rv += 1;
@@ -459,7 +592,12 @@ impl Store {
 
     /// Starts a watch. `since = None` (or "0") replays the current state as ADDED events first;
     /// `Some(rv)` replays the history after `rv`, or fails with 410 if it was compacted.
-    pub fn watch(&self, rid: ResourceId, filter: &Filter, since: Option<u64>) -> Result<WatchStart, ApiError> {
+    pub fn watch(
+        &self,
+        rid: ResourceId,
+        filter: &Filter,
+        since: Option<u64>,
+    ) -> Result<WatchStart, ApiError> {
         let inner = self.lock();
         let live = self.events.subscribe();
         let backlog = match since {
@@ -483,7 +621,11 @@ impl Store {
                 .filter_map(|e| filter.view(e))
                 .collect(),
         };
-        Ok(WatchStart { backlog, live, rv: inner.rv })
+        Ok(WatchStart {
+            backlog,
+            live,
+            rv: inner.rv,
+        })
     }
 }
 
@@ -507,7 +649,12 @@ mod tests {
         let o = s.create(cn(), None, node("n1")).unwrap();
         assert_eq!(o["metadata"]["generation"], 1);
         assert!(o["metadata"]["uid"].as_str().unwrap().len() >= 32);
-        assert!(o["metadata"]["creationTimestamp"].as_str().unwrap().ends_with('Z'));
+        assert!(
+            o["metadata"]["creationTimestamp"]
+                .as_str()
+                .unwrap()
+                .ends_with('Z')
+        );
         let e = s.create(cn(), None, node("n1")).unwrap_err();
         assert_eq!((e.code, e.reason), (409, "AlreadyExists"));
     }
@@ -519,7 +666,10 @@ mod tests {
         let mut a = o.clone();
         a["metadata"]["annotations"] = json!({"k": "v"});
         let a = s.update(cn(), None, "n1", a).unwrap();
-        assert_eq!(a["metadata"]["generation"], 1, "metadata changes keep the generation");
+        assert_eq!(
+            a["metadata"]["generation"], 1,
+            "metadata changes keep the generation"
+        );
         let mut stale = o.clone();
         stale["spec"]["bootid"] = "y".into();
         let e = s.update(cn(), None, "n1", stale).unwrap_err();
@@ -529,7 +679,10 @@ mod tests {
         let b = s.update(cn(), None, "n1", fresh).unwrap();
         assert_eq!(b["metadata"]["generation"], 2);
         let mut no_rv = b.clone();
-        no_rv["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+        no_rv["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("resourceVersion");
         assert_eq!(s.update(cn(), None, "n1", no_rv).unwrap_err().code, 422);
     }
 
@@ -537,15 +690,27 @@ mod tests {
     fn invalid_objects_change_nothing() {
         let s = Store::new(100);
         let before = s.current_rv();
-        let e = s.create(cn(), None, json!({"kind": "CiliumNode", "metadata": {}})).unwrap_err();
+        let e = s
+            .create(cn(), None, json!({"kind": "CiliumNode", "metadata": {}}))
+            .unwrap_err();
         assert_eq!(e.code, 422);
         assert!(e.message.contains("metadata.name"), "{}", e.message);
-        let e = s.create(cn(), None, json!({"kind": "Secret", "metadata": {"name": "a"}})).unwrap_err();
+        let e = s
+            .create(
+                cn(),
+                None,
+                json!({"kind": "Secret", "metadata": {"name": "a"}}),
+            )
+            .unwrap_err();
         assert_eq!(e.code, 400);
         assert!(e.message.contains("Secret"), "{}", e.message);
-        let e = s.create(cnp(), Some("nope"), json!({"metadata": {"name": "a"}})).unwrap_err();
+        let e = s
+            .create(cnp(), Some("nope"), json!({"metadata": {"name": "a"}}))
+            .unwrap_err();
         assert_eq!(e.code, 404);
-        let e = s.create(cn(), None, json!({"metadata": {"name": "Bad_Name"}})).unwrap_err();
+        let e = s
+            .create(cn(), None, json!({"metadata": {"name": "Bad_Name"}}))
+            .unwrap_err();
         assert_eq!(e.code, 422);
         assert_eq!(s.current_rv(), before);
     }
@@ -554,11 +719,19 @@ mod tests {
     fn watch_resumes_from_a_version_and_reports_compaction() {
         let s = Store::new(3);
         let a = s.create(cn(), None, node("a")).unwrap();
-        let rv_a: u64 = a["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        let rv_a: u64 = a["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         s.create(cn(), None, node("b")).unwrap();
         s.delete(cn(), None, "a", None).unwrap();
         let w = s.watch(cn(), &Filter::default(), Some(rv_a)).unwrap();
-        let kinds: Vec<_> = w.backlog.iter().map(|(k, o)| (k.as_str(), name_of(o).to_string())).collect();
+        let kinds: Vec<_> = w
+            .backlog
+            .iter()
+            .map(|(k, o)| (k.as_str(), name_of(o).to_string()))
+            .collect();
         assert_eq!(kinds, vec![("ADDED", "b".into()), ("DELETED", "a".into())]);
         for n in ["c", "d", "e"] {
             s.create(cn(), None, node(n)).unwrap();
@@ -573,11 +746,18 @@ mod tests {
         let mut o = node("a");
         o["metadata"]["labels"] = json!({"role": "x"});
         let o = s.create(cn(), None, o).unwrap();
-        let rv: u64 = o["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+        let rv: u64 = o["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         let mut changed = o.clone();
         changed["metadata"]["labels"] = json!({"role": "y"});
         s.update(cn(), None, "a", changed).unwrap();
-        let filter = Filter { labels: LabelSelector::parse("role=x").unwrap(), ..Default::default() };
+        let filter = Filter {
+            labels: LabelSelector::parse("role=x").unwrap(),
+            ..Default::default()
+        };
         let w = s.watch(cn(), &filter, Some(rv)).unwrap();
         assert_eq!(w.backlog.len(), 1);
         assert_eq!(w.backlog[0].0, EventType::Deleted);

@@ -20,14 +20,20 @@ pub enum ApiError {
     #[error("another meshd agent is already serving {0}; stop it first")]
     InUse(String),
     #[error("binding the local API socket {path}: {source}")]
-    Bind { path: String, source: std::io::Error },
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
-    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -45,16 +51,29 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ApiError::Bind { path: shown.clone(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ApiError::Bind {
+            path: shown.clone(),
+            source,
+        })?;
     }
-    let l = UnixListener::bind(path).map_err(|source| ApiError::Bind { path: shown.clone(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| ApiError::Bind { path: shown, source })?;
+    let l = UnixListener::bind(path).map_err(|source| ApiError::Bind {
+        path: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        ApiError::Bind {
+            path: shown,
+            source,
+        }
+    })?;
     Ok(l)
 }
 
 pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
@@ -73,7 +92,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.status()),
-        (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.lock().endpoints.list()),
+        (&Method::GET, ["v1", "endpoints"]) => {
+            json(StatusCode::OK, &shared.lock().endpoints.list())
+        }
         (&Method::PUT, ["v1", "endpoints", ns, name]) => {
             let (ns, name) = (ns.to_string(), name.to_string());
             let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
@@ -82,7 +103,12 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
             };
             let ep: EndpointSpec = match serde_json::from_slice(&body) {
                 Ok(ep) => ep,
-                Err(e) => return err(StatusCode::BAD_REQUEST, format!("endpoint {ns}/{name}: the body is not an endpoint: {e}")),
+                Err(e) => {
+                    return err(
+                        StatusCode::BAD_REQUEST,
+                        format!("endpoint {ns}/{name}: the body is not an endpoint: {e}"),
+                    );
+                }
             };
             let result = shared.lock().endpoints.put(&ns, &name, ep);
             match result {
@@ -91,7 +117,9 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                     shared.trigger();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
-                Err(e @ super::endpoints::EndpointError::Invalid { .. }) => err(StatusCode::BAD_REQUEST, e.to_string()),
+                Err(e @ super::endpoints::EndpointError::Invalid { .. }) => {
+                    err(StatusCode::BAD_REQUEST, e.to_string())
+                }
                 Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
@@ -103,11 +131,20 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
                     shared.trigger();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
-                Ok(false) => err(StatusCode::NOT_FOUND, format!("endpoint {ns}/{name} is not known on this node")),
+                Ok(false) => err(
+                    StatusCode::NOT_FOUND,
+                    format!("endpoint {ns}/{name} is not known on this node"),
+                ),
                 Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             }
         }
-        (_, ["v1", ..]) => err(StatusCode::METHOD_NOT_ALLOWED, format!("{} {path} is not supported", req.method())),
-        _ => err(StatusCode::NOT_FOUND, format!("{path} is not part of the meshd API (try /v1/status)")),
+        (_, ["v1", ..]) => err(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{} {path} is not supported", req.method()),
+        ),
+        _ => err(
+            StatusCode::NOT_FOUND,
+            format!("{path} is not part of the meshd API (try /v1/status)"),
+        ),
     }
 }

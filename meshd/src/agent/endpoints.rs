@@ -9,13 +9,27 @@ use meshd_api::EndpointSpec;
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     #[error("endpoint {namespace}/{name}: {field}: {message}")]
-    Invalid { namespace: String, name: String, field: &'static str, message: String },
+    Invalid {
+        namespace: String,
+        name: String,
+        field: &'static str,
+        message: String,
+    },
     #[error("reading {path}: {source}")]
-    Load { path: PathBuf, source: std::io::Error },
+    Load {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is corrupt ({source}); move it away to start with no endpoints")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("saving {path}: {source}")]
-    Save { path: PathBuf, source: std::io::Error },
+    Save {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 pub struct EndpointStore {
@@ -29,8 +43,13 @@ impl EndpointStore {
         let endpoints = match std::fs::read(&path) {
             Ok(bytes) => {
                 let list: Vec<EndpointSpec> =
-                    serde_json::from_slice(&bytes).map_err(|source| EndpointError::Corrupt { path: path.clone(), source })?;
-                list.into_iter().map(|e| ((e.namespace.clone(), e.name.clone()), e)).collect()
+                    serde_json::from_slice(&bytes).map_err(|source| EndpointError::Corrupt {
+                        path: path.clone(),
+                        source,
+                    })?;
+                list.into_iter()
+                    .map(|e| ((e.namespace.clone(), e.name.clone()), e))
+                    .collect()
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(source) => return Err(EndpointError::Load { path, source }),
@@ -39,7 +58,10 @@ impl EndpointStore {
     }
 
     fn save(&self) -> Result<(), EndpointError> {
-        let err = |source| EndpointError::Save { path: self.path.clone(), source };
+        let err = |source| EndpointError::Save {
+            path: self.path.clone(),
+            source,
+        };
         let list: Vec<&EndpointSpec> = self.endpoints.values().collect();
         let bytes = serde_json::to_vec_pretty(&list).map_err(|e| err(std::io::Error::other(e)))?;
         let tmp = self.path.with_extension("json.tmp");
@@ -56,7 +78,12 @@ impl EndpointStore {
     }
 
     /// Adds or replaces an endpoint after checking it names itself consistently.
-    pub fn put(&mut self, namespace: &str, name: &str, ep: EndpointSpec) -> Result<(), EndpointError> {
+    pub fn put(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        ep: EndpointSpec,
+    ) -> Result<(), EndpointError> {
         let invalid = |field, message: String| EndpointError::Invalid {
             namespace: namespace.into(),
             name: name.into(),
@@ -64,13 +91,25 @@ impl EndpointStore {
             message,
         };
         if ep.namespace != namespace || ep.name != name {
-            return Err(invalid("name", format!("the body names {}/{}, the path {namespace}/{name}", ep.namespace, ep.name)));
+            return Err(invalid(
+                "name",
+                format!(
+                    "the body names {}/{}, the path {namespace}/{name}",
+                    ep.namespace, ep.name
+                ),
+            ));
         }
         if ep.interface.is_empty() || ep.interface.len() > 15 {
-            return Err(invalid("interface", format!("{:?} is not an interface name", ep.interface)));
+            return Err(invalid(
+                "interface",
+                format!("{:?} is not an interface name", ep.interface),
+            ));
         }
         if ep.addresses.is_empty() {
-            return Err(invalid("addresses", "at least one address is required".into()));
+            return Err(invalid(
+                "addresses",
+                "at least one address is required".into(),
+            ));
         }
         let key = (namespace.to_string(), name.to_string());
         let previous = self.endpoints.insert(key.clone(), ep);
@@ -88,7 +127,9 @@ impl EndpointStore {
     /// Removes an endpoint; `false` if it was not known.
     pub fn delete(&mut self, namespace: &str, name: &str) -> Result<bool, EndpointError> {
         let key = (namespace.to_string(), name.to_string());
-        let Some(old) = self.endpoints.remove(&key) else { return Ok(false) };
+        let Some(old) = self.endpoints.remove(&key) else {
+            return Ok(false);
+        };
         if let Err(e) = self.save() {
             self.endpoints.insert(key, old);
             return Err(e);
@@ -128,10 +169,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = EndpointStore::load(dir.path()).unwrap();
         let e = s.put("default", "other", ep("a")).unwrap_err();
-        assert!(e.to_string().starts_with("endpoint default/other: name:"), "{e}");
+        assert!(
+            e.to_string().starts_with("endpoint default/other: name:"),
+            "{e}"
+        );
         let mut bad = ep("a");
         bad.addresses.clear();
-        assert!(s.put("default", "a", bad).unwrap_err().to_string().contains("addresses"));
+        assert!(
+            s.put("default", "a", bad)
+                .unwrap_err()
+                .to_string()
+                .contains("addresses")
+        );
         assert_eq!(s.len(), 0);
     }
 

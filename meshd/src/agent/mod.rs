@@ -60,7 +60,10 @@ impl WgView {
             .iter()
             .map(|(key, want)| {
                 let have = self.device.peers.iter().find(|p| p.public_key == *key);
-                let age = have.and_then(|h| h.last_handshake).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs());
+                let age = have
+                    .and_then(|h| h.last_handshake)
+                    .and_then(|t| now.duration_since(t).ok())
+                    .map(|d| d.as_secs());
                 let state = match age {
                     Some(a) if a <= 180 => "up".to_string(),
                     Some(_) => "stale: no handshake for 3 minutes".to_string(),
@@ -78,16 +81,21 @@ impl WgView {
                 }
             })
             .collect();
-        peers.extend(self.peers.refused.iter().map(|(node, why)| meshd_api::WireguardPeer {
-            node: node.clone(),
-            public_key: None,
-            endpoint: None,
-            allowed_ips: vec![],
-            last_handshake_seconds: None,
-            transfer_rx: 0,
-            transfer_tx: 0,
-            state: format!("refused: {why}"),
-        }));
+        peers.extend(
+            self.peers
+                .refused
+                .iter()
+                .map(|(node, why)| meshd_api::WireguardPeer {
+                    node: node.clone(),
+                    public_key: None,
+                    endpoint: None,
+                    allowed_ips: vec![],
+                    last_handshake_seconds: None,
+                    transfer_rx: 0,
+                    transfer_tx: 0,
+                    state: format!("refused: {why}"),
+                }),
+        );
         peers.sort_by(|a, b| a.node.cmp(&b.node));
         meshd_api::WireguardStatus {
             backend: match self.backend {
@@ -123,8 +131,14 @@ impl Shared {
         let s = self.lock();
         let kubernetes = match (&s.kubernetes.state, s.synced, s.published) {
             (Health::Ok, true, true) => s.kubernetes.clone(),
-            (Health::Ok, false, _) => ComponentStatus { state: Health::Degraded, message: "listing CiliumNodes".into() },
-            (Health::Ok, true, false) => ComponentStatus { state: Health::Degraded, message: "publishing the own CiliumNode".into() },
+            (Health::Ok, false, _) => ComponentStatus {
+                state: Health::Degraded,
+                message: "listing CiliumNodes".into(),
+            },
+            (Health::Ok, true, false) => ComponentStatus {
+                state: Health::Degraded,
+                message: "publishing the own CiliumNode".into(),
+            },
             _ => s.kubernetes.clone(),
         };
         let nodes = s
@@ -140,16 +154,29 @@ impl Shared {
                     .map(ToString::to_string)
                     .collect();
                 let routes = if let Some(e) = s.route_errors.get(&n.name) {
-                    ComponentStatus { state: Health::Failure, message: e.clone() }
+                    ComponentStatus {
+                        state: Health::Failure,
+                        message: e.clone(),
+                    }
                 } else if n.pod_cidrs.is_empty() || n.internal_ip.is_none() {
-                    ComponentStatus { state: Health::Disabled, message: "no InternalIP or pod CIDRs published".into() }
+                    ComponentStatus {
+                        state: Health::Disabled,
+                        message: "no InternalIP or pod CIDRs published".into(),
+                    }
                 } else if installed.len() == n.pod_cidrs.len() {
                     ComponentStatus {
                         state: Health::Ok,
-                        message: format!("{} via {}", installed.join(","), n.internal_ip.map(|i| i.to_string()).unwrap_or_default()),
+                        message: format!(
+                            "{} via {}",
+                            installed.join(","),
+                            n.internal_ip.map(|i| i.to_string()).unwrap_or_default()
+                        ),
                     }
                 } else {
-                    ComponentStatus { state: Health::Degraded, message: "routes pending".into() }
+                    ComponentStatus {
+                        state: Health::Degraded,
+                        message: "routes pending".into(),
+                    }
                 };
                 NodeStatus {
                     name: n.name.clone(),
@@ -162,7 +189,10 @@ impl Shared {
                 name: e.node.clone(),
                 addresses: vec![],
                 pod_cidrs: vec![],
-                routes: ComponentStatus { state: Health::Failure, message: format!("invalid: {}: {}", e.field, e.message) },
+                routes: ComponentStatus {
+                    state: Health::Failure,
+                    message: format!("invalid: {}: {}", e.field, e.message),
+                },
             }))
             .collect();
         let wireguard = s.wg.as_ref().map(WgView::status);
@@ -170,7 +200,11 @@ impl Shared {
             // Cilium's `Encryption:` line, after its tab.
             Some(w) => format!(
                 "Wireguard\t[NodeEncryption: {}, {} (Pubkey: {}, Port: {}, Peers: {})]",
-                if w.node_encryption { "Enabled" } else { "Disabled" },
+                if w.node_encryption {
+                    "Enabled"
+                } else {
+                    "Disabled"
+                },
                 w.interface,
                 w.public_key,
                 w.listen_port,
@@ -196,13 +230,18 @@ impl Shared {
 async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client> {
     let config = match &cfg.k8s_kubeconfig_path {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading the kubeconfig {} (k8s-kubeconfig-path)", path.display()))?;
+            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| {
+                format!(
+                    "reading the kubeconfig {} (k8s-kubeconfig-path)",
+                    path.display()
+                )
+            })?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
                 .with_context(|| format!("the kubeconfig {} is unusable", path.display()))?
         }
-        None => kube::Config::incluster().context("no k8s-kubeconfig-path given and not running in a cluster")?,
+        None => kube::Config::incluster()
+            .context("no k8s-kubeconfig-path given and not running in a cluster")?,
     };
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
@@ -232,7 +271,9 @@ async fn detect_node_ip() -> Result<Ipv4Addr> {
 }
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 pub async fn run(cfg: AgentConfig) -> Result<()> {
@@ -244,8 +285,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             .to_string_lossy()
             .into_owned(),
     };
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating the state directory {} (state-dir)", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {} (state-dir)",
+            cfg.state_dir.display()
+        )
+    })?;
     let ip = match cfg.ipv4_node {
         Some(ip) => ip,
         None => detect_node_ip().await?,
@@ -254,7 +299,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let api: Api<DynamicObject> = Api::all_with(client, &nodes::cilium_node_resource());
     let routes = RouteManager::new()?;
     let endpoints = EndpointStore::load(&cfg.state_dir)?;
-    let wg = if cfg.enable_wireguard { Some(Arc::new(wireguard::WireGuard::start(&cfg, ip).await?)) } else { None };
+    let wg = if cfg.enable_wireguard {
+        Some(Arc::new(wireguard::WireGuard::start(&cfg, ip).await?))
+    } else {
+        None
+    };
     let own = OwnNode {
         name: node_name.clone(),
         internal_ip: IpAddr::V4(ip),
@@ -266,7 +315,10 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         started: Instant::now(),
         state: Mutex::new(AgentState {
-            kubernetes: ComponentStatus { state: Health::Degraded, message: "connecting".into() },
+            kubernetes: ComponentStatus {
+                state: Health::Degraded,
+                message: "connecting".into(),
+            },
             table: NodeTable::default(),
             synced: false,
             published: false,
@@ -285,7 +337,12 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
     tasks.spawn(api::serve(listener, shared.clone()));
     tasks.spawn(watch_nodes(api.clone(), shared.clone()));
     tasks.spawn(publish_own_node(api, shared.clone()));
-    tasks.spawn(reconcile_datapath(routes, wg, shared.clone(), cfg.route_sync_interval));
+    tasks.spawn(reconcile_datapath(
+        routes,
+        wg,
+        shared.clone(),
+        cfg.route_sync_interval,
+    ));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -299,14 +356,17 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
 }
 
 async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
     let mut buffer: Option<NodeTable> = None;
     loop {
         match stream.next().await {
             Some(Ok(ev)) => {
                 let mut s = shared.lock();
                 let own_name = s.own.name.clone();
-                let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
+                let is_own =
+                    |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
                 match ev {
                     watcher::Event::Init => buffer = Some(NodeTable::default()),
                     watcher::Event::InitApply(o) => {
@@ -317,12 +377,17 @@ async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
                     }
                     watcher::Event::InitDone => {
                         let table = buffer.take().unwrap_or_default();
-                        if !table.nodes.contains_key(&own_name) && !table.invalid.contains_key(&own_name) {
+                        if !table.nodes.contains_key(&own_name)
+                            && !table.invalid.contains_key(&own_name)
+                        {
                             s.own_object = None;
                         }
                         s.table = table;
                         s.synced = true;
-                        s.kubernetes = ComponentStatus { state: Health::Ok, message: "Ok".into() };
+                        s.kubernetes = ComponentStatus {
+                            state: Health::Ok,
+                            message: "Ok".into(),
+                        };
                     }
                     watcher::Event::Apply(o) => {
                         if is_own(&o) {
@@ -334,7 +399,8 @@ async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
                         if is_own(&o) {
                             s.own_object = None;
                         }
-                        s.table.delete(o.metadata.name.as_deref().unwrap_or_default());
+                        s.table
+                            .delete(o.metadata.name.as_deref().unwrap_or_default());
                     }
                 }
                 drop(s);
@@ -342,7 +408,10 @@ async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
             }
             Some(Err(e)) => {
                 warn!(error = %e, "watching CiliumNodes failed; retrying");
-                shared.lock().kubernetes = ComponentStatus { state: Health::Failure, message: format!("watching CiliumNodes: {e}") };
+                shared.lock().kubernetes = ComponentStatus {
+                    state: Health::Failure,
+                    message: format!("watching CiliumNodes: {e}"),
+                };
             }
             None => return,
         }
@@ -357,7 +426,10 @@ async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
         let wake = shared.wake.notified();
         let (own, current) = {
             let s = shared.lock();
-            let current = s.synced && s.own_object.as_ref().is_some_and(|o| s.own.is_published_in(o));
+            let current = s.synced
+                && s.own_object
+                    .as_ref()
+                    .is_some_and(|o| s.own.is_published_in(o));
             (s.own.clone(), current)
         };
         // Only talk to the API server when the cached object disagrees (or on the timer).
@@ -388,7 +460,10 @@ async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
                 {
                     let mut s = shared.lock();
                     s.published = false;
-                    s.kubernetes = ComponentStatus { state: Health::Failure, message: format!("publishing CiliumNode {}: {e}", own.name) };
+                    s.kubernetes = ComponentStatus {
+                        state: Health::Failure,
+                        message: format!("publishing CiliumNode {}: {e}", own.name),
+                    };
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
@@ -403,16 +478,27 @@ async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
 
 /// Peers first, then routes: a remote pod CIDR is routed into the WireGuard device only once
 /// the device knows where to send it.
-async fn reconcile_datapath(routes: RouteManager, wg: Option<Arc<wireguard::WireGuard>>, shared: Arc<Shared>, every: Duration) {
+async fn reconcile_datapath(
+    routes: RouteManager,
+    wg: Option<Arc<wireguard::WireGuard>>,
+    shared: Arc<Shared>,
+    every: Duration,
+) {
     loop {
         let wake = shared.wake.notified();
-        let (desired, synced, claims) = {
+        let (desired, synced, claims, previous) = {
             let s = shared.lock();
             let device = wg.as_ref().map(|w| w.ifindex);
-            (routes::desired(&s.table, &s.own.name, device), s.synced, wg.as_ref().map(|w| w.claims(&s.table, &s.own.name)))
+            let previous = s.wg.as_ref().map(|v| v.peers.clone()).unwrap_or_default();
+            (
+                routes::desired(&s.table, &s.own.name, device),
+                s.synced,
+                wg.as_ref().map(|w| w.claims(&s.table, &s.own.name)),
+                previous,
+            )
         };
         if let (Some(w), Some(claims), true) = (&wg, claims, synced) {
-            match w.reconcile(claims).await {
+            match w.reconcile(claims, &previous).await {
                 Ok((peers, device)) => {
                     shared.lock().wg = Some(WgView {
                         backend: w.backend,
@@ -438,9 +524,16 @@ async fn reconcile_datapath(routes: RouteManager, wg: Option<Arc<wireguard::Wire
                     warn!(error = %e, "route reconciliation failed; retrying");
                     {
                         let mut s = shared.lock();
-                        let gw_to_node: BTreeMap<IpAddr, String> =
-                            s.table.nodes.values().filter_map(|n| n.internal_ip.map(|ip| (ip, n.name.clone()))).collect();
-                        if let routes::RouteError::Add { hop: routes::NextHop::Gateway(gateway), .. } = &e
+                        let gw_to_node: BTreeMap<IpAddr, String> = s
+                            .table
+                            .nodes
+                            .values()
+                            .filter_map(|n| n.internal_ip.map(|ip| (ip, n.name.clone())))
+                            .collect();
+                        if let routes::RouteError::Add {
+                            hop: routes::NextHop::Gateway(gateway),
+                            ..
+                        } = &e
                             && let Some(n) = gw_to_node.get(&IpAddr::V4(*gateway))
                         {
                             s.route_errors.insert(n.clone(), e.to_string());
@@ -452,7 +545,11 @@ async fn reconcile_datapath(routes: RouteManager, wg: Option<Arc<wireguard::Wire
             }
         }
         // With WireGuard, refresh handshake ages and counters for status more often.
-        let tick = if wg.is_some() { every.min(Duration::from_secs(5)) } else { every };
+        let tick = if wg.is_some() {
+            every.min(Duration::from_secs(5))
+        } else {
+            every
+        };
         tokio::select! {
             _ = wake => {}
             _ = tokio::time::sleep(tick) => {}

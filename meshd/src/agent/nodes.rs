@@ -67,22 +67,43 @@ impl Node {
     /// Validates a CiliumNode; an error names the object and the field.
     pub fn from_object(obj: &DynamicObject) -> Result<Self, NodeError> {
         let name = obj.metadata.name.clone().unwrap_or_default();
-        let err = |field: &str, message: String| NodeError { node: name.clone(), field: field.into(), message };
-        let spec_value = obj.data.get("spec").cloned().unwrap_or(Value::Object(Default::default()));
-        let spec: CiliumNodeSpec = serde_json::from_value(spec_value).map_err(|e| err("spec", e.to_string()))?;
+        let err = |field: &str, message: String| NodeError {
+            node: name.clone(),
+            field: field.into(),
+            message,
+        };
+        let spec_value = obj
+            .data
+            .get("spec")
+            .cloned()
+            .unwrap_or(Value::Object(Default::default()));
+        let spec: CiliumNodeSpec =
+            serde_json::from_value(spec_value).map_err(|e| err("spec", e.to_string()))?;
         let mut addresses = Vec::new();
         let mut internal_ip = None;
         for (i, a) in spec.addresses.iter().enumerate() {
-            let ip: IpAddr = a.ip.parse().map_err(|_| err(&format!("spec.addresses[{i}].ip"), format!("{:?} is not an IP address", a.ip)))?;
-            if a.kind == "InternalIP" && (internal_ip.is_none() || (ip.is_ipv4() && internal_ip.is_some_and(|x: IpAddr| x.is_ipv6()))) {
+            let ip: IpAddr = a.ip.parse().map_err(|_| {
+                err(
+                    &format!("spec.addresses[{i}].ip"),
+                    format!("{:?} is not an IP address", a.ip),
+                )
+            })?;
+            if a.kind == "InternalIP"
+                && (internal_ip.is_none()
+                    || (ip.is_ipv4() && internal_ip.is_some_and(|x: IpAddr| x.is_ipv6())))
+            {
                 internal_ip = Some(ip);
             }
             addresses.push(ip);
         }
         let mut pod_cidrs = Vec::new();
         for (i, c) in spec.ipam.pod_cidrs.iter().enumerate() {
-            let net: ipnet::IpNet =
-                c.parse().map_err(|_| err(&format!("spec.ipam.podCIDRs[{i}]"), format!("{c:?} is not a CIDR")))?;
+            let net: ipnet::IpNet = c.parse().map_err(|_| {
+                err(
+                    &format!("spec.ipam.podCIDRs[{i}]"),
+                    format!("{c:?} is not a CIDR"),
+                )
+            })?;
             pod_cidrs.push(net.trunc());
         }
         Ok(Self {
@@ -91,7 +112,12 @@ impl Node {
             internal_ip,
             pod_cidrs,
             annotations: obj.metadata.annotations.clone().unwrap_or_default(),
-            created: obj.metadata.creation_timestamp.as_ref().map(|t| t.0.to_string()).unwrap_or_default(),
+            created: obj
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
         })
     }
 }
@@ -164,9 +190,13 @@ impl OwnNode {
         let want = self.spec_patch();
         let annotations = obj.metadata.annotations.clone().unwrap_or_default();
         let annotated = self.annotations().as_object().is_some_and(|a| {
-            a.iter().all(|(k, v)| annotations.get(k).map(String::as_str) == v.as_str())
+            a.iter()
+                .all(|(k, v)| annotations.get(k).map(String::as_str) == v.as_str())
         });
-        annotated && want.as_object().is_some_and(|w| w.iter().all(|(k, v)| spec.get(k) == Some(v)))
+        annotated
+            && want
+                .as_object()
+                .is_some_and(|w| w.iter().all(|(k, v)| spec.get(k) == Some(v)))
     }
 
     /// Creates the CiliumNode, or patches the fields this agent owns (leaving the rest alone).
@@ -175,7 +205,9 @@ impl OwnNode {
             Some(obj) if self.is_published_in(&obj) => Ok(()),
             Some(_) => {
                 let patch = json!({"metadata": {"annotations": self.annotations()}, "spec": self.spec_patch()});
-                api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch)).await.map(drop)
+                api.patch(&self.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map(drop)
             }
             None => {
                 let mut obj = DynamicObject::new(&self.name, &cilium_node_resource());
@@ -215,9 +247,16 @@ mod tests {
 
     #[test]
     fn errors_name_the_node_and_field() {
-        let e = Node::from_object(&obj(json!({"addresses": [{"type": "InternalIP", "ip": "bogus"}]}))).unwrap_err();
-        assert_eq!(e.to_string(), "CiliumNode \"node-2\": spec.addresses[0].ip: \"bogus\" is not an IP address");
-        let e = Node::from_object(&obj(json!({"ipam": {"podCIDRs": ["198.19.2.0/99"]}}))).unwrap_err();
+        let e = Node::from_object(&obj(
+            json!({"addresses": [{"type": "InternalIP", "ip": "bogus"}]}),
+        ))
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "CiliumNode \"node-2\": spec.addresses[0].ip: \"bogus\" is not an IP address"
+        );
+        let e =
+            Node::from_object(&obj(json!({"ipam": {"podCIDRs": ["198.19.2.0/99"]}}))).unwrap_err();
         assert_eq!(e.field, "spec.ipam.podCIDRs[0]");
         let e = Node::from_object(&obj(json!({"addresses": "nope"}))).unwrap_err();
         assert_eq!(e.field, "spec");

@@ -22,9 +22,16 @@ pub enum RouteError {
     #[error("listing routes failed: {0}")]
     List(#[source] rtnetlink::Error),
     #[error("installing the route to {dst} {hop} failed: {source}")]
-    Add { dst: Ipv4Net, hop: NextHop, source: rtnetlink::Error },
+    Add {
+        dst: Ipv4Net,
+        hop: NextHop,
+        source: rtnetlink::Error,
+    },
     #[error("removing the route to {dst} failed: {source}")]
-    Remove { dst: Ipv4Net, source: rtnetlink::Error },
+    Remove {
+        dst: Ipv4Net,
+        source: rtnetlink::Error,
+    },
 }
 
 /// Where a route sends traffic: directly to the node over the underlay, or into a device
@@ -52,7 +59,9 @@ pub type RouteSet = BTreeMap<Ipv4Net, NextHop>;
 pub fn desired(table: &NodeTable, own_node: &str, device: Option<u32>) -> RouteSet {
     let mut out = RouteSet::new();
     for n in table.nodes.values().filter(|n| n.name != own_node) {
-        let Some(IpAddr::V4(gw)) = n.internal_ip else { continue };
+        let Some(IpAddr::V4(gw)) = n.internal_ip else {
+            continue;
+        };
         let hop = device.map_or(NextHop::Gateway(gw), NextHop::Device);
         for cidr in &n.pod_cidrs {
             if let ipnet::IpNet::V4(v4) = cidr {
@@ -80,7 +89,12 @@ pub fn plan(installed: &RouteSet, desired: &RouteSet) -> Vec<Change> {
             Some(_) => {}
         }
     }
-    out.extend(installed.keys().filter(|d| !desired.contains_key(d)).map(|d| Change::Remove(*d)));
+    out.extend(
+        installed
+            .keys()
+            .filter(|d| !desired.contains_key(d))
+            .map(|d| Change::Remove(*d)),
+    );
     out
 }
 
@@ -94,7 +108,11 @@ fn route_message(dst: Ipv4Net, hop: Option<NextHop>) -> RouteMessage {
         .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
     match hop {
         Some(NextHop::Gateway(gw)) => b = b.gateway(gw),
-        Some(NextHop::Device(i)) => b = b.output_interface(i).scope(rtnetlink::packet_route::route::RouteScope::Link),
+        Some(NextHop::Device(i)) => {
+            b = b
+                .output_interface(i)
+                .scope(rtnetlink::packet_route::route::RouteScope::Link)
+        }
         None => {}
     }
     b.build()
@@ -110,7 +128,11 @@ impl RouteManager {
     /// meshd's routes as the kernel has them now.
     pub async fn installed(&self) -> Result<RouteSet, RouteError> {
         let mut out = RouteSet::new();
-        let mut dump = self.handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+        let mut dump = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
         while let Some(msg) = dump.try_next().await.map_err(RouteError::List)? {
             if msg.header.protocol != RouteProtocol::Other(MESHD_ROUTE_PROTOCOL) {
                 continue;
@@ -126,7 +148,11 @@ impl RouteManager {
                     _ => {}
                 }
             }
-            let Some(net) = dst.and_then(|d| Ipv4Net::new(d, msg.header.destination_prefix_length).ok()) else { continue };
+            let Some(net) =
+                dst.and_then(|d| Ipv4Net::new(d, msg.header.destination_prefix_length).ok())
+            else {
+                continue;
+            };
             let hop = match (gw, oif) {
                 (Some(g), _) => NextHop::Gateway(g),
                 (None, Some(i)) => NextHop::Device(i),

@@ -27,14 +27,20 @@ pub const STATIC_ENCRYPT_KEY: u8 = 255;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    #[expect(dead_code, reason = "selected once the kernel (generic netlink) backend lands")]
+    #[expect(
+        dead_code,
+        reason = "selected once the kernel (generic netlink) backend lands"
+    )]
     Kernel,
     Userspace,
 }
 
 pub fn kernel_has_wireguard() -> bool {
     Path::new("/sys/module/wireguard").exists()
-        || std::process::Command::new("modprobe").arg("wireguard").output().is_ok_and(|o| o.status.success())
+        || std::process::Command::new("modprobe")
+            .arg("wireguard")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 /// Picks the backend the way the Helm values say: kernel if the module exists; userspace only
@@ -65,7 +71,11 @@ pub struct WireGuard {
     socket: PathBuf,
 }
 
-async fn link_index_mtu(handle: &rtnetlink::Handle, name: Option<&str>, index: Option<u32>) -> Result<(u32, u32)> {
+async fn link_index_mtu(
+    handle: &rtnetlink::Handle,
+    name: Option<&str>,
+    index: Option<u32>,
+) -> Result<(u32, u32)> {
     let mut req = handle.link().get();
     if let Some(n) = name {
         req = req.match_name(n.to_string());
@@ -74,15 +84,31 @@ async fn link_index_mtu(handle: &rtnetlink::Handle, name: Option<&str>, index: O
         req = req.match_index(i);
     }
     let msg = req.execute().try_next().await?.context("no such link")?;
-    let mtu = msg.attributes.iter().find_map(|a| if let LinkAttribute::Mtu(m) = a { Some(*m) } else { None }).unwrap_or(1500);
+    let mtu = msg
+        .attributes
+        .iter()
+        .find_map(|a| {
+            if let LinkAttribute::Mtu(m) = a {
+                Some(*m)
+            } else {
+                None
+            }
+        })
+        .unwrap_or(1500);
     Ok((msg.header.index, mtu))
 }
 
 async fn underlay_mtu(handle: &rtnetlink::Handle, node_ip: Ipv4Addr) -> Result<u32> {
     let mut dump = handle.address().get().execute();
     while let Some(msg) = dump.try_next().await? {
-        if msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip)) {
-            return Ok(link_index_mtu(handle, None, Some(msg.header.index)).await?.1);
+        if msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip))
+        {
+            return Ok(link_index_mtu(handle, None, Some(msg.header.index))
+                .await?
+                .1);
         }
     }
     bail!("no interface has the node address {node_ip}")
@@ -90,8 +116,12 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, node_ip: Ipv4Addr) -> Result<u
 
 impl WireGuard {
     pub async fn start(cfg: &AgentConfig, node_ip: Ipv4Addr) -> Result<Self> {
-        let backend = select_backend(kernel_has_wireguard(), cfg.enable_wireguard_userspace_fallback)?;
-        let key = PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
+        let backend = select_backend(
+            kernel_has_wireguard(),
+            cfg.enable_wireguard_userspace_fallback,
+        )?;
+        let key =
+            PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
         let public_key = key.public_key();
         let socket = uapi::socket_path(wg::INTERFACE);
         let device = match tokio::task::spawn_blocking({
@@ -101,7 +131,10 @@ impl WireGuard {
         .await?
         {
             Ok(d) => {
-                info!(interface = wg::INTERFACE, "adopting the running userspace WireGuard device");
+                info!(
+                    interface = wg::INTERFACE,
+                    "adopting the running userspace WireGuard device"
+                );
                 d
             }
             Err(_) => {
@@ -110,7 +143,10 @@ impl WireGuard {
             }
         };
         // Setting the key resets every session: only when it differs (a restart keeps it).
-        let mut update = DeviceUpdate { fwmark: Some(wg::FWMARK), ..Default::default() };
+        let mut update = DeviceUpdate {
+            fwmark: Some(wg::FWMARK),
+            ..Default::default()
+        };
         if device.public_key != Some(public_key) {
             info!(public_key = %public_key, "installing the node's WireGuard key");
             update = update.with_private_key(&key);
@@ -123,13 +159,31 @@ impl WireGuard {
         let mtu = underlay_mtu(&handle, node_ip).await.unwrap_or(1500) - wg::OVERHEAD;
         let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
         if current_mtu != mtu {
-            handle.link().set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build()).execute().await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
+                .execute()
+                .await?;
         }
-        handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(ifindex).up().build())
+            .execute()
+            .await?;
         task.abort();
         info!(?backend, interface = wg::INTERFACE, mtu, public_key = %public_key, "WireGuard ready");
-        let keepalive = cfg.wireguard_persistent_keepalive.map(|d| d.as_secs().min(u16::MAX as u64) as u16).filter(|k| *k > 0);
-        Ok(Self { backend, public_key, ifindex, node_encryption: cfg.enable_node_encryption, keepalive, socket })
+        let keepalive = cfg
+            .wireguard_persistent_keepalive
+            .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
+            .filter(|k| *k > 0);
+        Ok(Self {
+            backend,
+            public_key,
+            ifindex,
+            node_encryption: cfg.enable_node_encryption,
+            keepalive,
+            socket,
+        })
     }
 
     /// Every other node's claim on a peer.
@@ -146,7 +200,11 @@ impl WireGuard {
                 NodeClaim {
                     node: n.name.clone(),
                     created: n.created.clone(),
-                    key: n.annotations.get(ANNOTATION).or_else(|| n.annotations.get(LEGACY_ANNOTATION)).cloned(),
+                    key: n
+                        .annotations
+                        .get(ANNOTATION)
+                        .or_else(|| n.annotations.get(LEGACY_ANNOTATION))
+                        .cloned(),
                     endpoint_ip: n.internal_ip,
                     allowed_ips: allowed,
                 }
@@ -155,8 +213,12 @@ impl WireGuard {
     }
 
     /// Makes the device's peers match the table; returns the peer set and the device state.
-    pub async fn reconcile(&self, claims: Vec<NodeClaim>) -> Result<(PeerSet, DeviceInfo)> {
-        let desired = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT);
+    pub async fn reconcile(
+        &self,
+        claims: Vec<NodeClaim>,
+        previous: &PeerSet,
+    ) -> Result<(PeerSet, DeviceInfo)> {
+        let desired = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT, previous);
         let c = uapi::Client::new(self.client_path());
         let keepalive = self.keepalive;
         let want = desired.clone();
@@ -168,11 +230,18 @@ impl WireGuard {
             }
             for u in &updates {
                 if let Some(k) = u.public_key {
-                    let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
+                    let node = want
+                        .peers
+                        .get(&k)
+                        .map(|p| p.node.as_str())
+                        .unwrap_or("(gone)");
                     info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
                 }
             }
-            c.set(&DeviceUpdate { peers: updates, ..Default::default() })?;
+            c.set(&DeviceUpdate {
+                peers: updates,
+                ..Default::default()
+            })?;
             Ok(c.get()?)
         })
         .await??;
@@ -195,9 +264,18 @@ fn spawn_userspace_device(state_dir: &Path) -> Result<()> {
         .append(true)
         .open(state_dir.join(format!("{}.log", wg::INTERFACE)))
         .context("opening the WireGuard device's log")?;
-    info!(interface = wg::INTERFACE, "starting the userspace WireGuard device");
+    info!(
+        interface = wg::INTERFACE,
+        "starting the userspace WireGuard device"
+    );
     std::process::Command::new(exe)
-        .args(["wireguard-userspace", "--interface", wg::INTERFACE, "--listen-port", &wg::LISTEN_PORT.to_string()])
+        .args([
+            "wireguard-userspace",
+            "--interface",
+            wg::INTERFACE,
+            "--listen-port",
+            &wg::LISTEN_PORT.to_string(),
+        ])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -216,5 +294,8 @@ async fn wait_for_device(socket: &Path) -> Result<DeviceInfo> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    bail!("the userspace WireGuard device did not come up; see {}.log in the state directory", wg::INTERFACE)
+    bail!(
+        "the userspace WireGuard device did not come up; see {}.log in the state directory",
+        wg::INTERFACE
+    )
 }

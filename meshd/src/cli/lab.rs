@@ -48,6 +48,14 @@ pub enum LabCommand {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Capture on the underlay while pods on different nodes ping each other, and say what
+    /// crossed it (fails if pod traffic crossed in the clear with encryption on).
+    Capture {
+        #[arg(long, default_value = "lab")]
+        name: String,
+        #[arg(long, default_value_t = 5)]
+        pings: u32,
+    },
     /// Print the admin kubeconfig's path (for `kubectl --kubeconfig`).
     Kubeconfig {
         #[arg(long, default_value = "lab")]
@@ -129,20 +137,53 @@ fn need_root() -> Result<()> {
 
 pub async fn run(cmd: LabCommand) -> Result<()> {
     match cmd {
-        LabCommand::Up { name, nodes, pods_per_node, encryption, mut agent_args } => {
+        LabCommand::Up {
+            name,
+            nodes,
+            pods_per_node,
+            encryption,
+            mut agent_args,
+        } => {
             need_root()?;
             if encryption == "wireguard" {
-                agent_args.splice(0..0, ["--enable-wireguard".to_string(), "--enable-wireguard-userspace-fallback".to_string()]);
+                agent_args.splice(
+                    0..0,
+                    [
+                        "--enable-wireguard".to_string(),
+                        "--enable-wireguard-userspace-fallback".to_string(),
+                    ],
+                );
             }
             let meshd = std::env::current_exe().context("locating the meshd binary")?;
-            let lab = topology::up(&UpOptions { name, nodes, pods_per_node, agent_args }, &meshd).await?;
-            println!("lab {:?} is up: {} nodes, {} pods", lab.name, lab.nodes.len(), lab.pods().count());
-            println!("kubectl --kubeconfig {} get ciliumnodes -o wide", lab.admin_kubeconfig().display());
+            let lab = topology::up(
+                &UpOptions {
+                    name,
+                    nodes,
+                    pods_per_node,
+                    agent_args,
+                },
+                &meshd,
+            )
+            .await?;
+            println!(
+                "lab {:?} is up: {} nodes, {} pods",
+                lab.name,
+                lab.nodes.len(),
+                lab.pods().count()
+            );
+            println!(
+                "kubectl --kubeconfig {} get ciliumnodes -o wide",
+                lab.admin_kubeconfig().display()
+            );
             Ok(())
         }
         LabCommand::Down { name, all } => {
             need_root()?;
-            let names = if all { topology::all_labs() } else { vec![name] };
+            let names = if all {
+                topology::all_labs()
+            } else {
+                vec![name]
+            };
             for n in names {
                 topology::down(&n)?;
                 println!("lab {n:?} is down");
@@ -150,7 +191,11 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
             Ok(())
         }
         LabCommand::Status { name, no_ping } => status(&name, !no_ping),
-        LabCommand::Exec { name, target, command } => {
+        LabCommand::Exec {
+            name,
+            target,
+            command,
+        } => {
             let lab = LabState::load(&name)?;
             let prefix = lab.enter(&target)?;
             let status = std::process::Command::new(&prefix[0])
@@ -160,6 +205,24 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
                 .with_context(|| format!("running {command:?} in {target}"))?;
             std::process::exit(status.code().unwrap_or(1));
         }
+        LabCommand::Capture { name, pings } => {
+            need_root()?;
+            let lab = LabState::load(&name)?;
+            let c = topology::capture_underlay(&lab, pings)?;
+            let encrypted = lab
+                .nodes
+                .iter()
+                .any(|n| n.agent_args.iter().any(|a| a == "--enable-wireguard"));
+            println!("Underlay capture (hub br0) during cross-node pod pings:");
+            println!("  IP packets:                      {}", c.ip_packets);
+            println!("  WireGuard (UDP 51871, node IPs): {}", c.wireguard);
+            println!("  pod addresses in the clear:      {}", c.cleartext_pod);
+            println!("  other:                           {}", c.other);
+            if encrypted && (c.cleartext_pod > 0 || c.wireguard == 0) {
+                bail!("pod traffic crossed the underlay unencrypted");
+            }
+            Ok(())
+        }
         LabCommand::Kubeconfig { name } => {
             println!("{}", LabState::load(&name)?.admin_kubeconfig().display());
             Ok(())
@@ -168,8 +231,16 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
             NodeCommand::Add { name, index, pods } => {
                 need_root()?;
                 let mut lab = LabState::load(&name)?;
-                let index = index.unwrap_or_else(|| (1..=250).find(|i| !lab.nodes.iter().any(|n| n.index == *i)).unwrap_or(250));
-                let args = lab.nodes.first().map(|n| n.agent_args.clone()).unwrap_or_default();
+                let index = index.unwrap_or_else(|| {
+                    (1..=250)
+                        .find(|i| !lab.nodes.iter().any(|n| n.index == *i))
+                        .unwrap_or(250)
+                });
+                let args = lab
+                    .nodes
+                    .first()
+                    .map(|n| n.agent_args.clone())
+                    .unwrap_or_default();
                 topology::add_node(&mut lab, index, pods, &args).await?;
                 println!("node-{index} added");
                 Ok(())
@@ -183,12 +254,20 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
             }
         },
         LabCommand::Pod { command } => match command {
-            PodCommand::Add { name, node, namespace, labels, pod } => {
+            PodCommand::Add {
+                name,
+                node,
+                namespace,
+                labels,
+                pod,
+            } => {
                 need_root()?;
                 let mut lab = LabState::load(&name)?;
                 let mut map = BTreeMap::new();
                 for l in labels {
-                    let (k, v) = l.split_once('=').with_context(|| format!("label {l:?} is not key=value"))?;
+                    let (k, v) = l
+                        .split_once('=')
+                        .with_context(|| format!("label {l:?} is not key=value"))?;
                     map.insert(k.to_string(), v.to_string());
                 }
                 topology::add_pod(&mut lab, &node, &pod, &namespace, map).await?;
@@ -223,19 +302,28 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
 /// Binds the admin listener on the host's loopback, then the nodes' listener inside the hub
 /// namespace, and serves both.
 async fn apiserver(dir: &std::path::Path, netns: &std::path::Path) -> Result<()> {
-    let admin = std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding the admin listener")?;
+    let admin =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).context("binding the admin listener")?;
     let port = admin.local_addr()?.port();
     let netns = netns.to_path_buf();
     // setns only moves the calling thread: bind in a thread of its own.
     let node = std::thread::spawn(move || -> Result<std::net::TcpListener> {
-        let f = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).context("entering the hub namespace")?;
-        std::net::TcpListener::bind((topology::HUB_IP, topology::API_PORT)).context("binding the nodes' listener")
+        let f =
+            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
+            .context("entering the hub namespace")?;
+        std::net::TcpListener::bind((topology::HUB_IP, topology::API_PORT))
+            .context("binding the nodes' listener")
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the binding thread panicked"))??;
     std::fs::write(dir.join("apiserver.port"), port.to_string())?;
-    tracing::info!(port, "lab API server listening on 127.0.0.1 and {}:{}", topology::HUB_IP, topology::API_PORT);
+    tracing::info!(
+        port,
+        "lab API server listening on 127.0.0.1 and {}:{}",
+        topology::HUB_IP,
+        topology::API_PORT
+    );
     lab::apiserver::run_lab_server(dir, admin, Some(node)).await
 }
 
@@ -243,13 +331,29 @@ fn status(name: &str, ping: bool) -> Result<()> {
     let lab = LabState::load(name)?;
     let dir = lab.dir();
     println!("Lab {:?} ({})", lab.name, dir.display());
-    let api_alive = lab.apiserver_pid.is_some_and(|p| topology::process_alive(p, &dir));
-    println!("API server: {} (https://127.0.0.1:{}, kubeconfig {})", if api_alive { "running" } else { "DOWN" }, lab.admin_port, lab.admin_kubeconfig().display());
+    let api_alive = lab
+        .apiserver_pid
+        .is_some_and(|p| topology::process_alive(p, &dir));
+    println!(
+        "API server: {} (https://127.0.0.1:{}, kubeconfig {})",
+        if api_alive { "running" } else { "DOWN" },
+        lab.admin_port,
+        lab.admin_kubeconfig().display()
+    );
     println!();
-    println!("{:<10} {:<14} {:<16} {:<8} {:<8} PODS", "NODE", "IP", "POD CIDR", "AGENT", "PID");
+    println!(
+        "{:<10} {:<14} {:<16} {:<8} {:<8} PODS",
+        "NODE", "IP", "POD CIDR", "AGENT", "PID"
+    );
     for n in &lab.nodes {
-        let alive = n.agent_pid.is_some_and(|p| topology::process_alive(p, &dir));
-        let pods: Vec<String> = n.pods.iter().map(|p| format!("{} ({})", p.name, p.ip)).collect();
+        let alive = n
+            .agent_pid
+            .is_some_and(|p| topology::process_alive(p, &dir));
+        let pods: Vec<String> = n
+            .pods
+            .iter()
+            .map(|p| format!("{} ({})", p.name, p.ip))
+            .collect();
         println!(
             "{:<10} {:<14} {:<16} {:<8} {:<8} {}",
             n.name,
@@ -262,8 +366,17 @@ fn status(name: &str, ping: bool) -> Result<()> {
     }
     println!();
     println!("CiliumNodes (kubectl get ciliumnodes -o wide):");
-    match std::process::Command::new("kubectl").arg("--kubeconfig").arg(lab.admin_kubeconfig()).args(["get", "ciliumnodes", "-o", "wide"]).output() {
-        Ok(o) => print!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+    match std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(lab.admin_kubeconfig())
+        .args(["get", "ciliumnodes", "-o", "wide"])
+        .output()
+    {
+        Ok(o) => print!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
         Err(e) => println!("  (kubectl not runnable: {e})"),
     }
     if ping {
@@ -279,13 +392,23 @@ fn status(name: &str, ping: bool) -> Result<()> {
         for a in &pods {
             print!("{a:<10}");
             for b in &pods {
-                let cell = if a == b { "-" } else if results.iter().any(|(x, y, ok)| x == a && y == b && *ok) { "✔" } else { "✘" };
+                let cell = if a == b {
+                    "-"
+                } else if results.iter().any(|(x, y, ok)| x == a && y == b && *ok) {
+                    "✔"
+                } else {
+                    "✘"
+                };
                 print!("{cell:<9}");
             }
             println!();
         }
         let failed = results.iter().filter(|(_, _, ok)| !ok).count();
-        println!("{} of {} pod pairs reachable", results.len() - failed, results.len());
+        println!(
+            "{} of {} pod pairs reachable",
+            results.len() - failed,
+            results.len()
+        );
         if failed > 0 {
             bail!("{failed} pod pairs cannot reach each other");
         }

@@ -41,7 +41,11 @@ pub fn render_encrypt_status(s: &Status) -> String {
         let _ = writeln!(out, "Encryption: {:<26}", "Disabled");
         return out;
     };
-    let configured = w.peers.iter().filter(|p| !p.state.starts_with("refused")).count();
+    let configured = w
+        .peers
+        .iter()
+        .filter(|p| !p.state.starts_with("refused"))
+        .count();
     let _ = writeln!(out, "Encryption: {:<26}", "Wireguard");
     let _ = writeln!(out, "Interface: {}", w.interface);
     let _ = writeln!(out, "\tPublic key: {}", w.public_key);
@@ -49,10 +53,20 @@ pub fn render_encrypt_status(s: &Status) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "Backend: {}", w.backend);
     let _ = writeln!(out, "Listen port: {}", w.listen_port);
-    let _ = writeln!(out, "Node encryption: {}", if w.node_encryption { "Enabled" } else { "Disabled" });
+    let _ = writeln!(
+        out,
+        "Node encryption: {}",
+        if w.node_encryption {
+            "Enabled"
+        } else {
+            "Disabled"
+        }
+    );
     let _ = writeln!(out, "Peers:");
     for p in &w.peers {
-        let hs = p.last_handshake_seconds.map_or("never".to_string(), |a| format!("{a}s ago"));
+        let hs = p
+            .last_handshake_seconds
+            .map_or("never".to_string(), |a| format!("{a}s ago"));
         let _ = writeln!(out, "  {}:", p.node);
         if let Some(k) = &p.public_key {
             let _ = writeln!(out, "    public key:     {k}");
@@ -61,7 +75,11 @@ pub fn render_encrypt_status(s: &Status) -> String {
             let _ = writeln!(out, "    endpoint:       {e}");
             let _ = writeln!(out, "    allowed ips:    {}", p.allowed_ips.join(", "));
             let _ = writeln!(out, "    last handshake: {hs}");
-            let _ = writeln!(out, "    transfer:       {} B received, {} B sent", p.transfer_rx, p.transfer_tx);
+            let _ = writeln!(
+                out,
+                "    transfer:       {} B received, {} B sent",
+                p.transfer_rx, p.transfer_tx
+            );
         }
         let _ = writeln!(out, "    state:          {}", p.state);
     }
@@ -73,7 +91,11 @@ pub fn encrypt_status_json(s: &Status) -> serde_json::Value {
     match &s.wireguard {
         None => serde_json::json!({"mode": "Disabled"}),
         Some(w) => {
-            let configured = w.peers.iter().filter(|p| !p.state.starts_with("refused")).count();
+            let configured = w
+                .peers
+                .iter()
+                .filter(|p| !p.state.starts_with("refused"))
+                .count();
             serde_json::json!({
                 "mode": "Wireguard",
                 "wireguard": {
@@ -97,7 +119,10 @@ pub async fn encrypt(cmd: EncryptCommand) -> Result<()> {
         EncryptCommand::Status { socket, output } => {
             let s = meshd_api::Client::new(socket).status().await?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&encrypt_status_json(&s))?),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&encrypt_status_json(&s))?
+                ),
                 Output::Table => print!("{}", render_encrypt_status(&s)),
             }
             Ok(())
@@ -127,13 +152,36 @@ pub fn render_status(s: &Status) -> String {
     let mut out = String::new();
     let addrs: Vec<String> = s.node_addresses.iter().map(ToString::to_string).collect();
     let _ = writeln!(out, "Node:\t{} ({})", s.node_name, addrs.join(", "));
-    let _ = writeln!(out, "Kubernetes:\t{}   {}", health(&s.kubernetes.state), s.kubernetes.message);
-    let _ = writeln!(out, "Pod CIDRs:\t{}", if s.pod_cidrs.is_empty() { "<none>".into() } else { s.pod_cidrs.join(", ") });
+    let _ = writeln!(
+        out,
+        "Kubernetes:\t{}   {}",
+        health(&s.kubernetes.state),
+        s.kubernetes.message
+    );
+    let _ = writeln!(
+        out,
+        "Pod CIDRs:\t{}",
+        if s.pod_cidrs.is_empty() {
+            "<none>".into()
+        } else {
+            s.pod_cidrs.join(", ")
+        }
+    );
     let _ = writeln!(out, "Encryption:\t{}", s.encryption);
-    let ok = s.nodes.iter().filter(|n| n.routes.state == Health::Ok).count();
+    let ok = s
+        .nodes
+        .iter()
+        .filter(|n| n.routes.state == Health::Ok)
+        .count();
     let _ = writeln!(out, "Nodes:\t{} remote, routes Ok for {ok}", s.nodes.len());
     for n in &s.nodes {
-        let _ = writeln!(out, "  {}\t{}\t{}", n.name, health(&n.routes.state), n.routes.message);
+        let _ = writeln!(
+            out,
+            "  {}\t{}\t{}",
+            n.name,
+            health(&n.routes.state),
+            n.routes.message
+        );
     }
     let _ = writeln!(out, "Endpoints:\t{}", s.endpoints);
     let _ = writeln!(out, "Uptime:\t{}", age(s.uptime_seconds));
@@ -156,11 +204,26 @@ pub async fn endpoint(cmd: EndpointCommand) -> Result<()> {
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&eps)?),
                 Output::Table => {
-                    println!("{:<28} {:<12} {:<18} LABELS", "ENDPOINT", "INTERFACE", "IPv4");
+                    println!(
+                        "{:<28} {:<12} {:<18} LABELS",
+                        "ENDPOINT", "INTERFACE", "IPv4"
+                    );
                     for e in eps {
-                        let ip = e.addresses.iter().find(|a| a.is_ipv4()).map(ToString::to_string).unwrap_or_default();
-                        let labels: Vec<String> = e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                        println!("{:<28} {:<12} {:<18} {}", format!("{}/{}", e.namespace, e.name), e.interface, ip, labels.join(","));
+                        let ip = e
+                            .addresses
+                            .iter()
+                            .find(|a| a.is_ipv4())
+                            .map(ToString::to_string)
+                            .unwrap_or_default();
+                        let labels: Vec<String> =
+                            e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        println!(
+                            "{:<28} {:<12} {:<18} {}",
+                            format!("{}/{}", e.namespace, e.name),
+                            e.interface,
+                            ip,
+                            labels.join(",")
+                        );
                     }
                 }
             }
@@ -178,7 +241,10 @@ mod tests {
         Status {
             node_name: "node-1".into(),
             version: "0.1.0".into(),
-            kubernetes: ComponentStatus { state: Health::Ok, message: "Ok".into() },
+            kubernetes: ComponentStatus {
+                state: Health::Ok,
+                message: "Ok".into(),
+            },
             node_addresses: vec!["198.18.0.11".parse().unwrap()],
             pod_cidrs: vec!["198.19.1.0/24".into()],
             encryption: "Disabled".into(),
@@ -187,7 +253,10 @@ mod tests {
                 name: "node-2".into(),
                 addresses: vec![],
                 pod_cidrs: vec![],
-                routes: ComponentStatus { state: Health::Ok, message: "198.19.2.0/24 via 198.18.0.12".into() },
+                routes: ComponentStatus {
+                    state: Health::Ok,
+                    message: "198.19.2.0/24 via 198.18.0.12".into(),
+                },
             }],
             endpoints: 2,
             uptime_seconds: 61,
@@ -200,7 +269,10 @@ mod tests {
         let out = render_status(&s);
         assert!(out.lines().any(|l| l == "Encryption:\tDisabled"), "{out}");
         assert!(out.contains("Nodes:\t1 remote, routes Ok for 1"), "{out}");
-        assert_eq!(render_encrypt_status(&s), "Encryption: Disabled                  \n");
+        assert_eq!(
+            render_encrypt_status(&s),
+            "Encryption: Disabled                  \n"
+        );
     }
 
     #[test]
