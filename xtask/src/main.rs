@@ -164,14 +164,95 @@ fn test(args: &[String]) -> Result<()> {
     sh(cargo().args(["test", "--workspace"]).args(args))
 }
 
+/// CPU seconds used so far by the processes inside a lab namespace whose command line contains
+/// `needle` (the userspace WireGuard devices).
+fn cpu_seconds(netns: &str, needle: &str) -> f64 {
+    let pids = Command::new("ip").args(["netns", "pids", netns]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let tick = 100.0;
+    pids.split_whitespace()
+        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|stat| {
+            let rest = stat.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            // fields after the command: state(0) ... utime(11) stime(12)
+            Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / tick)
+        })
+        .sum()
+}
+
+struct Sample {
+    gbit: f64,
+    bytes: f64,
+    cpu: f64,
+}
+
+fn iperf(meshd: &std::path::Path, lab: &str, streams: u32, secs: u32) -> Result<Sample> {
+    let wg_cpu = |n: &str| cpu_seconds(&format!("meshd-{lab}-{n}"), "wireguard-userspace");
+    let before = wg_cpu("node-1") + wg_cpu("node-2");
+    let out = Command::new(meshd)
+        .args(["lab", "exec", "--name", lab, "pod-1a", "--", "iperf3", "-c", "198.19.2.10", "-J"])
+        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
+        .output()?;
+    if !out.status.success() {
+        bail!("iperf3 in lab {lab} failed: {}", String::from_utf8_lossy(&out.stdout));
+    }
+    let cpu = wg_cpu("node-1") + wg_cpu("node-2") - before;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let bps = v.pointer("/end/sum_received/bits_per_second").and_then(serde_json::Value::as_f64).context("iperf3 JSON without sum_received")?;
+    let bytes = v.pointer("/end/sum_received/bytes").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    Ok(Sample { gbit: bps / 1e9, bytes, cpu })
+}
+
+/// `cargo xtask bench wg`: pod-to-pod iperf3 across two lab nodes, meshd's userspace WireGuard
+/// against no encryption, alternating in one run; prints Gbit/s, CPU-s per GB and the ratio.
+fn bench(args: &[String]) -> Result<()> {
+    if args.first().map(String::as_str) != Some("wg") {
+        bail!("usage: cargo xtask bench wg [--seconds N]");
+    }
+    let secs: u32 = args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(10);
+    setup()?;
+    eprintln!("xtask bench: building meshd (release)");
+    sh(cargo().args(["build", "--release", "-p", "meshd"]))?;
+    let meshd = meshd_bin().parent().and_then(|p| p.parent()).map(|t| t.join("release").join("meshd")).context("target dir")?;
+    let labs = [("bench-plain", "none"), ("bench-wg", "wireguard")];
+    for (name, enc) in labs {
+        let _ = Command::new(&meshd).args(["lab", "down", "--name", name]).status();
+        sh(Command::new(&meshd).args(["lab", "up", "--name", name, "--nodes", "2", "--pods-per-node", "1", "--encryption", enc]))?;
+        sh(Command::new(&meshd).args(["lab", "exec", "--name", name, "pod-2a", "--", "iperf3", "-s", "-D"]))?;
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let result = (|| -> Result<()> {
+        println!("{:<26} {:>8} {:>10} {:>14}", "pod-to-pod, 2 lab nodes", "streams", "Gbit/s", "CPU-s per GB");
+        for streams in [1, 4] {
+            let mut got = Vec::new();
+            for (name, enc) in labs {
+                let s = iperf(&meshd, name, streams, secs)?;
+                let per_gb = if s.bytes > 0.0 { s.cpu / (s.bytes / 1e9) } else { 0.0 };
+                let label = if enc == "none" { "no encryption" } else { "meshd userspace WireGuard" };
+                println!("{:<26} {:>8} {:>10.2} {:>14}", label, streams, s.gbit, if enc == "none" { "-".to_string() } else { format!("{per_gb:.1}") });
+                got.push(s.gbit);
+            }
+            if got[0] > 0.0 {
+                println!("{:<26} {:>8} {:>10.3}", "ratio meshd / plain", streams, got[1] / got[0]);
+            }
+        }
+        Ok(())
+    })();
+    for (name, _) in labs {
+        let _ = Command::new(&meshd).args(["lab", "down", "--name", name]).status();
+    }
+    result
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup(),
         Some("lab") => lab(&args[1..]),
         Some("test") => test(&args[1..]),
+        Some("bench") => bench(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup | lab [--keep] | test [cargo test args]>");
+            eprintln!("usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | bench wg [--seconds N]>");
             return ExitCode::from(2);
         }
     };

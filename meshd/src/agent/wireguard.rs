@@ -213,36 +213,31 @@ impl WireGuard {
     }
 
     /// Makes the device's peers match the table; returns the peer set and the device state.
-    pub async fn reconcile(
-        &self,
-        claims: Vec<NodeClaim>,
-        previous: &PeerSet,
-    ) -> Result<(PeerSet, DeviceInfo)> {
-        let desired = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT, previous);
+    /// `previous` is the last peer set; right after a restart it is empty and the device's own
+    /// peers tell which node held which key.
+    pub async fn reconcile(&self, claims: Vec<NodeClaim>, previous: &PeerSet) -> Result<(PeerSet, DeviceInfo)> {
         let c = uapi::Client::new(self.client_path());
         let keepalive = self.keepalive;
-        let want = desired.clone();
-        let info = tokio::task::spawn_blocking(move || -> Result<DeviceInfo> {
+        let own = self.public_key;
+        let mut previous = previous.clone();
+        let (desired, info) = tokio::task::spawn_blocking(move || -> Result<(PeerSet, DeviceInfo)> {
             let current = c.get()?;
+            if previous.peers.is_empty() {
+                previous = incumbents_from_device(&current, &claims);
+            }
+            let want = wg::peers::desired(&own, &claims, wg::LISTEN_PORT, &previous);
             let updates = wg::peers::plan(&current, &want, keepalive);
             if updates.is_empty() {
-                return Ok(current);
+                return Ok((want, current));
             }
             for u in &updates {
                 if let Some(k) = u.public_key {
-                    let node = want
-                        .peers
-                        .get(&k)
-                        .map(|p| p.node.as_str())
-                        .unwrap_or("(gone)");
+                    let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
                     info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
                 }
             }
-            c.set(&DeviceUpdate {
-                peers: updates,
-                ..Default::default()
-            })?;
-            Ok(c.get()?)
+            c.set(&DeviceUpdate { peers: updates, ..Default::default() })?;
+            Ok((want, c.get()?))
         })
         .await??;
         for (node, why) in &desired.refused {
@@ -254,6 +249,25 @@ impl WireGuard {
     fn client_path(&self) -> PathBuf {
         self.socket.clone()
     }
+}
+
+/// Which node holds each key on the device now: the claimant of that key whose address is the
+/// peer's configured endpoint.
+fn incumbents_from_device(device: &DeviceInfo, claims: &[NodeClaim]) -> PeerSet {
+    let mut set = PeerSet::default();
+    for p in &device.peers {
+        let holder = claims.iter().find(|c| {
+            c.key.as_deref().and_then(|k| PublicKey::parse_base64(k).ok()) == Some(p.public_key)
+                && p.endpoint.map(|e| e.ip()) == c.endpoint_ip
+        });
+        if let (Some(c), Some(endpoint)) = (holder, p.endpoint) {
+            set.peers.insert(
+                p.public_key,
+                wg::peers::DesiredPeer { node: c.node.clone(), endpoint, allowed_ips: p.allowed_ips.clone() },
+            );
+        }
+    }
+    set
 }
 
 fn spawn_userspace_device(state_dir: &Path) -> Result<()> {
