@@ -3,7 +3,7 @@
 //! the right MTU, and reconciles peers from the node table.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -27,10 +27,6 @@ pub const STATIC_ENCRYPT_KEY: u8 = 255;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
-    #[expect(
-        dead_code,
-        reason = "selected once the kernel (generic netlink) backend lands"
-    )]
     Kernel,
     Userspace,
 }
@@ -47,12 +43,7 @@ pub fn kernel_has_wireguard() -> bool {
 /// when `enable-wireguard-userspace-fallback` is set.
 pub fn select_backend(kernel: bool, fallback: bool) -> Result<Backend> {
     match (kernel, fallback) {
-        // The kernel backend is not built yet: use the userspace one only when allowed.
-        (true, true) => Ok(Backend::Userspace),
-        (true, false) => bail!(
-            "the kernel has WireGuard, but this build of meshd has no kernel backend yet; \
-             set enable-wireguard-userspace-fallback=true to use the userspace backend"
-        ),
+        (true, _) => Ok(Backend::Kernel),
         (false, true) => Ok(Backend::Userspace),
         (false, false) => bail!(
             "the kernel has no WireGuard module (modprobe wireguard failed) and \
@@ -68,7 +59,7 @@ pub struct WireGuard {
     pub ifindex: u32,
     pub node_encryption: bool,
     pub keepalive: Option<u16>,
-    socket: PathBuf,
+    device: wg::Device,
 }
 
 async fn link_index_mtu(
@@ -116,74 +107,57 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, node_ip: Ipv4Addr) -> Result<u
 
 impl WireGuard {
     pub async fn start(cfg: &AgentConfig, node_ip: Ipv4Addr) -> Result<Self> {
-        let backend = select_backend(
-            kernel_has_wireguard(),
-            cfg.enable_wireguard_userspace_fallback,
-        )?;
-        let key =
-            PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
+        let mut backend = select_backend(kernel_has_wireguard(), cfg.enable_wireguard_userspace_fallback)?;
+        let key = PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
         let public_key = key.public_key();
-        let socket = uapi::socket_path(wg::INTERFACE);
-        let device = match tokio::task::spawn_blocking({
-            let c = uapi::Client::new(&socket);
-            move || c.get()
-        })
-        .await?
-        {
-            Ok(d) => {
-                info!(
-                    interface = wg::INTERFACE,
-                    "adopting the running userspace WireGuard device"
-                );
-                d
+        if backend == Backend::Kernel {
+            let k = wg::kernel::KernelDevice::new(wg::INTERFACE);
+            if let Err(e) = k.ensure_link().await {
+                if !cfg.enable_wireguard_userspace_fallback {
+                    return Err(e.into());
+                }
+                warn!(error = %e, "kernel WireGuard is unusable; using the userspace fallback");
+                backend = Backend::Userspace;
             }
-            Err(_) => {
-                spawn_userspace_device(&cfg.state_dir)?;
-                wait_for_device(&socket).await?
+        }
+        let device = match backend {
+            Backend::Kernel => wg::Device::Kernel(wg::kernel::KernelDevice::new(wg::INTERFACE)),
+            Backend::Userspace => {
+                let socket = uapi::socket_path(wg::INTERFACE);
+                let dev = wg::Device::Userspace(socket.clone());
+                if dev.get().await.is_ok() {
+                    info!(interface = wg::INTERFACE, "adopting the running userspace WireGuard device");
+                } else {
+                    spawn_userspace_device(&cfg.state_dir)?;
+                    wait_for_device(&dev).await?;
+                }
+                dev
             }
         };
+        let current = device.get().await?;
         // Setting the key resets every session: only when it differs (a restart keeps it).
-        let mut update = DeviceUpdate {
-            fwmark: Some(wg::FWMARK),
-            ..Default::default()
-        };
-        if device.public_key != Some(public_key) {
+        let mut update = DeviceUpdate { fwmark: Some(wg::FWMARK), ..Default::default() };
+        if backend == Backend::Kernel {
+            update.listen_port = Some(wg::LISTEN_PORT);
+        }
+        if current.public_key != Some(public_key) {
             info!(public_key = %public_key, "installing the node's WireGuard key");
             update = update.with_private_key(&key);
         }
-        let c = uapi::Client::new(&socket);
-        tokio::task::spawn_blocking(move || c.set(&update)).await??;
+        device.set(update).await?;
 
         let (conn, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(conn);
         let mtu = underlay_mtu(&handle, node_ip).await.unwrap_or(1500) - wg::OVERHEAD;
         let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
         if current_mtu != mtu {
-            handle
-                .link()
-                .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
-                .execute()
-                .await?;
+            handle.link().set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build()).execute().await?;
         }
-        handle
-            .link()
-            .set(LinkUnspec::new_with_index(ifindex).up().build())
-            .execute()
-            .await?;
+        handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
         task.abort();
         info!(?backend, interface = wg::INTERFACE, mtu, public_key = %public_key, "WireGuard ready");
-        let keepalive = cfg
-            .wireguard_persistent_keepalive
-            .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
-            .filter(|k| *k > 0);
-        Ok(Self {
-            backend,
-            public_key,
-            ifindex,
-            node_encryption: cfg.enable_node_encryption,
-            keepalive,
-            socket,
-        })
+        let keepalive = cfg.wireguard_persistent_keepalive.map(|d| d.as_secs().min(u16::MAX as u64) as u16).filter(|k| *k > 0);
+        Ok(Self { backend, public_key, ifindex, node_encryption: cfg.enable_node_encryption, keepalive, device })
     }
 
     /// Every other node's claim on a peer.
@@ -216,38 +190,24 @@ impl WireGuard {
     /// `previous` is the last peer set; right after a restart it is empty and the device's own
     /// peers tell which node held which key.
     pub async fn reconcile(&self, claims: Vec<NodeClaim>, previous: &PeerSet) -> Result<(PeerSet, DeviceInfo)> {
-        let c = uapi::Client::new(self.client_path());
-        let keepalive = self.keepalive;
-        let own = self.public_key;
-        let mut previous = previous.clone();
-        let (desired, info) = tokio::task::spawn_blocking(move || -> Result<(PeerSet, DeviceInfo)> {
-            let current = c.get()?;
-            if previous.peers.is_empty() {
-                previous = incumbents_from_device(&current, &claims);
-            }
-            let want = wg::peers::desired(&own, &claims, wg::LISTEN_PORT, &previous);
-            let updates = wg::peers::plan(&current, &want, keepalive);
-            if updates.is_empty() {
-                return Ok((want, current));
-            }
-            for u in &updates {
-                if let Some(k) = u.public_key {
-                    let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
-                    info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
-                }
-            }
-            c.set(&DeviceUpdate { peers: updates, ..Default::default() })?;
-            Ok((want, c.get()?))
-        })
-        .await??;
-        for (node, why) in &desired.refused {
+        let current = self.device.get().await?;
+        let previous = if previous.peers.is_empty() { incumbents_from_device(&current, &claims) } else { previous.clone() };
+        let want = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT, &previous);
+        for (node, why) in &want.refused {
             warn!(node = %node, reason = %why, "no WireGuard peer for this node");
         }
-        Ok((desired, info))
-    }
-
-    fn client_path(&self) -> PathBuf {
-        self.socket.clone()
+        let updates = wg::peers::plan(&current, &want, self.keepalive);
+        if updates.is_empty() {
+            return Ok((want, current));
+        }
+        for u in &updates {
+            if let Some(k) = u.public_key {
+                let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
+                info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
+            }
+        }
+        self.device.set(DeviceUpdate { peers: updates, ..Default::default() }).await?;
+        Ok((want, self.device.get().await?))
     }
 }
 
@@ -300,10 +260,9 @@ fn spawn_userspace_device(state_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_device(socket: &Path) -> Result<DeviceInfo> {
+async fn wait_for_device(device: &wg::Device) -> Result<DeviceInfo> {
     for _ in 0..100 {
-        let c = uapi::Client::new(socket);
-        if let Ok(Ok(d)) = tokio::task::spawn_blocking(move || c.get()).await {
+        if let Ok(d) = device.get().await {
             return Ok(d);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
