@@ -549,9 +549,14 @@ pub async fn wait_agent_ready(lab: &LabState, node: &str, timeout: Duration) -> 
         if let Some(pid) = lab.node(node)?.agent_pid
             && !process_alive(pid, &lab.dir())
         {
+            let log = lab.node_dir(node).join("agent.log");
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
             bail!(
-                "the agent of {node} exited; see {}",
-                lab.node_dir(node).join("agent.log").display()
+                "the agent of {node} exited; the end of {}:\n{}",
+                log.display(),
+                tail.join("\n")
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -875,7 +880,10 @@ pub fn connectivity(lab: &LabState) -> Vec<(String, String, bool)> {
             .map(|(a, b, ip)| {
                 s.spawn(move || {
                     let ok = lab
-                        .exec(a, &["ping", "-c", "1", "-W", "1", &ip.to_string()])
+                        .exec(
+                            a,
+                            &["ping", "-c", "3", "-i", "0.2", "-W", "2", &ip.to_string()],
+                        )
                         .is_ok_and(|o| o.status.success());
                     (a.clone(), b.clone(), ok)
                 })

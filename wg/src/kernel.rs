@@ -7,11 +7,14 @@ use std::time::{Duration, SystemTime};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use ipnet::IpNet;
-use netlink_packet_core_09::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core_09::{
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
-    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute, WireguardCmd, WireguardDeviceFlags,
-    WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
+    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute,
+    WireguardCmd, WireguardDeviceFlags, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
+    WireguardPeerFlags,
 };
 
 use crate::key::{PrivateKey, PublicKey};
@@ -19,7 +22,9 @@ use crate::uapi::{DeviceInfo, DeviceUpdate, PeerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
-    #[error("the kernel has no WireGuard support (creating a wireguard link failed: {0}); load the wireguard module or enable the userspace fallback")]
+    #[error(
+        "the kernel has no WireGuard support (creating a wireguard link failed: {0}); load the wireguard module or enable the userspace fallback"
+    )]
     NoModule(String),
     #[error("opening a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
@@ -41,7 +46,9 @@ fn genl(e: impl std::fmt::Display) -> KernelError {
 
 impl KernelDevice {
     pub fn new(name: &str) -> Self {
-        Self { name: name.to_string() }
+        Self {
+            name: name.to_string(),
+        }
     }
 
     /// Creates the interface unless it exists. Failing because the link type is unknown means
@@ -49,7 +56,14 @@ impl KernelDevice {
     pub async fn ensure_link(&self) -> Result<(), KernelError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(KernelError::Socket)?;
         let task = tokio::spawn(conn);
-        let exists = handle.link().get().match_name(self.name.clone()).execute().try_next().await.is_ok();
+        let exists = handle
+            .link()
+            .get()
+            .match_name(self.name.clone())
+            .execute()
+            .try_next()
+            .await
+            .is_ok();
         let result = if exists {
             Ok(())
         } else {
@@ -64,7 +78,11 @@ impl KernelDevice {
         result
     }
 
-    async fn request(&self, msg: WireguardMessage, flags: u16) -> Result<Vec<WireguardMessage>, KernelError> {
+    async fn request(
+        &self,
+        msg: WireguardMessage,
+        flags: u16,
+    ) -> Result<Vec<WireguardMessage>, KernelError> {
         let (conn, mut handle, _) = genetlink::new_connection().map_err(KernelError::Socket)?;
         let task = tokio::spawn(conn);
         let mut nl = NetlinkMessage::from(GenlMessage::from_payload(msg));
@@ -75,7 +93,9 @@ impl KernelDevice {
             while let Some(m) = stream.next().await {
                 match m.map_err(genl)?.payload {
                     NetlinkPayload::InnerMessage(g) => out.push(g.payload),
-                    NetlinkPayload::Error(e) if e.code.is_some() => return Err(KernelError::Refused(e.to_io())),
+                    NetlinkPayload::Error(e) if e.code.is_some() => {
+                        return Err(KernelError::Refused(e.to_io()));
+                    }
                     _ => {}
                 }
             }
@@ -87,7 +107,10 @@ impl KernelDevice {
     }
 
     pub async fn get(&self) -> Result<DeviceInfo, KernelError> {
-        let msg = WireguardMessage { cmd: WireguardCmd::GetDevice, attributes: vec![WireguardAttribute::IfName(self.name.clone())] };
+        let msg = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::IfName(self.name.clone())],
+        };
         let parts = self.request(msg, NLM_F_REQUEST | NLM_F_DUMP).await?;
         let mut info = DeviceInfo::default();
         // Large peer lists arrive split over several messages.
@@ -112,7 +135,8 @@ impl KernelDevice {
     pub async fn set(&self, u: &DeviceUpdate) -> Result<(), KernelError> {
         let mut attrs = vec![WireguardAttribute::IfName(self.name.clone())];
         if let Some(hex) = &u.private_key {
-            let key = PrivateKey::from_hex(hex).ok_or_else(|| KernelError::Genl("the private key is not 64 hex digits".into()))?;
+            let key = PrivateKey::from_hex(hex)
+                .ok_or_else(|| KernelError::Genl("the private key is not 64 hex digits".into()))?;
             attrs.push(WireguardAttribute::PrivateKey(key.secret().to_bytes()));
         }
         if let Some(p) = u.listen_port {
@@ -122,7 +146,9 @@ impl KernelDevice {
             attrs.push(WireguardAttribute::Fwmark(m));
         }
         if u.replace_peers {
-            attrs.push(WireguardAttribute::Flags(WireguardDeviceFlags::ReplacePeers));
+            attrs.push(WireguardAttribute::Flags(
+                WireguardDeviceFlags::ReplacePeers,
+            ));
         }
         let peers: Vec<WireguardPeer> = u
             .peers
@@ -148,7 +174,9 @@ impl KernelDevice {
                     a.push(WireguardPeerAttribute::PersistentKeepalive(k));
                 }
                 if !p.allowed_ips.is_empty() {
-                    a.push(WireguardPeerAttribute::AllowedIps(p.allowed_ips.iter().map(allowed_ip).collect()));
+                    a.push(WireguardPeerAttribute::AllowedIps(
+                        p.allowed_ips.iter().map(allowed_ip).collect(),
+                    ));
                 }
                 Some(WireguardPeer(a))
             })
@@ -156,13 +184,20 @@ impl KernelDevice {
         if !peers.is_empty() {
             attrs.push(WireguardAttribute::Peers(peers));
         }
-        let msg = WireguardMessage { cmd: WireguardCmd::SetDevice, attributes: attrs };
+        let msg = WireguardMessage {
+            cmd: WireguardCmd::SetDevice,
+            attributes: attrs,
+        };
         self.request(msg, NLM_F_REQUEST | NLM_F_ACK).await.map(drop)
     }
 }
 
 fn allowed_ip(n: &IpNet) -> WireguardAllowedIp {
-    let family = if n.addr().is_ipv4() { WireguardAddressFamily::Ipv4 } else { WireguardAddressFamily::Ipv6 };
+    let family = if n.addr().is_ipv4() {
+        WireguardAddressFamily::Ipv4
+    } else {
+        WireguardAddressFamily::Ipv6
+    };
     WireguardAllowedIp(vec![
         WireguardAllowedIpAttr::Family(family),
         WireguardAllowedIpAttr::IpAddr(n.addr()),
@@ -184,7 +219,13 @@ fn merge_peer(info: &mut DeviceInfo, p: WireguardPeer) {
             WireguardPeerAttribute::TxBytes(b) => tx = b,
             WireguardPeerAttribute::PersistentKeepalive(k) => ka = k,
             WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
-                hs = Some(SystemTime::UNIX_EPOCH + Duration::new(t.seconds as u64, t.nano_seconds.clamp(0, 999_999_999) as u32));
+                hs = Some(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::new(
+                            t.seconds as u64,
+                            t.nano_seconds.clamp(0, 999_999_999) as u32,
+                        ),
+                );
             }
             WireguardPeerAttribute::AllowedIps(ips) => {
                 for ip in ips {
@@ -213,5 +254,13 @@ fn merge_peer(info: &mut DeviceInfo, p: WireguardPeer) {
         existing.allowed_ips.extend(allowed);
         return;
     }
-    info.peers.push(PeerInfo { public_key: key, endpoint, allowed_ips: allowed, last_handshake: hs, rx_bytes: rx, tx_bytes: tx, persistent_keepalive: ka });
+    info.peers.push(PeerInfo {
+        public_key: key,
+        endpoint,
+        allowed_ips: allowed,
+        last_handshake: hs,
+        rx_bytes: rx,
+        tx_bytes: tx,
+        persistent_keepalive: ka,
+    });
 }

@@ -36,7 +36,9 @@ impl Device {
             Self::Kernel(k) => Ok(k.get().await?),
             Self::Userspace(path) => {
                 let c = uapi::Client::new(path);
-                Ok(tokio::task::spawn_blocking(move || c.get()).await.map_err(|e| DeviceError::Join(e.to_string()))??)
+                Ok(tokio::task::spawn_blocking(move || c.get())
+                    .await
+                    .map_err(|e| DeviceError::Join(e.to_string()))??)
             }
         }
     }
@@ -46,7 +48,9 @@ impl Device {
             Self::Kernel(k) => Ok(k.set(&update).await?),
             Self::Userspace(path) => {
                 let c = uapi::Client::new(path);
-                Ok(tokio::task::spawn_blocking(move || c.set(&update)).await.map_err(|e| DeviceError::Join(e.to_string()))??)
+                Ok(tokio::task::spawn_blocking(move || c.set(&update))
+                    .await
+                    .map_err(|e| DeviceError::Join(e.to_string()))??)
             }
         }
     }

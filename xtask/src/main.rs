@@ -32,28 +32,49 @@ fn installed(pkg: &str) -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
 }
 
-fn setup() -> Result<()> {
-    let missing: Vec<&(&str, &str)> = PACKAGES.iter().filter(|(p, _)| !installed(p)).collect();
+/// What the kernel-VM tests need: Debian's kernel (it has WireGuard and ESP; this machine's
+/// kernel does not), QEMU with virtiofsd and qboot, busybox for poweroff.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "QEMU for the kernel-VM tests"),
+    (
+        "linux-image-6.12-rt-amd64",
+        "a kernel with WireGuard and ESP for the VM",
+    ),
+    ("busybox", "poweroff inside the VM"),
+    (
+        "wireguard-go",
+        "an independent WireGuard peer for interop tests",
+    ),
+];
+const VM_KERNEL: &str = "/boot/vmlinuz-6.12.117+deb12-rt-amd64";
+
+fn install(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&(&str, &str)> = packages.iter().filter(|(p, _)| !installed(p)).collect();
     if missing.is_empty() {
-        eprintln!(
-            "xtask setup: all {} Debian packages present",
-            PACKAGES.len()
-        );
-    } else {
-        for (p, why) in &missing {
-            eprintln!("xtask setup: installing {p} ({why})");
-        }
-        if !nix_is_root() {
-            bail!("installing packages needs root: run `sudo cargo xtask setup`");
-        }
-        sh(Command::new("apt-get")
-            .args(["update", "-qq"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-        sh(Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(missing.iter().map(|(p, _)| *p))
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        return Ok(());
     }
+    for (p, why) in &missing {
+        eprintln!("xtask setup: installing {p} ({why})");
+    }
+    if !nix_is_root() {
+        bail!("installing packages needs root: run `sudo cargo xtask setup`");
+    }
+    sh(Command::new("apt-get")
+        .args(["update", "-qq"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    sh(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(missing.iter().map(|(p, _)| *p))
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn setup() -> Result<()> {
+    install(PACKAGES)?;
+    install(VM_PACKAGES)?;
+    eprintln!(
+        "xtask setup: all {} Debian packages present",
+        PACKAGES.len() + VM_PACKAGES.len()
+    );
     if which("kubectl").is_none() {
         eprintln!(
             "xtask setup: kubectl is not installed; the kubectl compatibility tests need it (Debian: kubernetes-client)"
@@ -161,19 +182,209 @@ fn lab(args: &[String]) -> Result<()> {
 fn test(args: &[String]) -> Result<()> {
     setup()?;
     eprintln!("xtask test: running every test of the workspace (lab tests need root)");
-    sh(cargo().args(["test", "--workspace"]).args(args))
+    sh(cargo().args(["test", "--workspace"]).args(args))?;
+    eprintln!("xtask test: the kernel-backend tests, inside a VM running Debian's kernel");
+    vm_test(&[])
+}
+
+/// The path of an integration-test binary, built (not run) by cargo.
+fn test_binary(package: &str, test: &str) -> Result<std::path::PathBuf> {
+    let out = cargo()
+        .args([
+            "test",
+            "-p",
+            package,
+            "--test",
+            test,
+            "--no-run",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    if !out.status.success() {
+        bail!("building the {test} tests failed");
+    }
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] == "compiler-artifact"
+            && v["target"]["name"] == test
+            && v["profile"]["test"] == true
+        {
+            if let Some(exe) = v["executable"].as_str() {
+                return Ok(exe.into());
+            }
+        }
+    }
+    bail!("cargo did not report the {test} test binary")
+}
+
+/// Boots Debian's kernel under QEMU (software emulation) with this machine's / as a read-only
+/// virtiofs root and a writable 9p scratch folder, runs `script` as root, streams its output,
+/// and returns its exit code.
+fn run_vm(script: &str) -> Result<i32> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
+    let init = root.join("vm").join("guest-init.sh");
+    let target = meshd_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .context("target dir")?
+        .to_path_buf();
+    let scratch = target.join(format!("vm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch)?;
+    std::fs::write(scratch.join("cmd.sh"), script)?;
+    let sock = scratch.join("vfsd.sock");
+    let mut vfsd = Command::new("/usr/lib/qemu/virtiofsd")
+        .arg(format!("--socket-path={}", sock.display()))
+        .args([
+            "-o",
+            "source=/",
+            "-o",
+            "cache=always",
+            "-o",
+            "sandbox=chroot",
+            "-o",
+            "log_level=warn",
+        ])
+        .stdout(std::fs::File::create(scratch.join("virtiofsd.log"))?)
+        .stderr(std::fs::File::create(scratch.join("virtiofsd.err"))?)
+        .spawn()
+        .context("starting virtiofsd (qemu-system-common)")?;
+    for _ in 0..50 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let append = format!(
+        "console=ttyS0 rootfstype=virtiofs root=hostroot ro init={} panic=-1 oops=panic loglevel=4 KLAB_SCRATCH={} KLAB_CMD={}/cmd.sh KLAB_CWD={}",
+        init.display(),
+        scratch.display(),
+        scratch.display(),
+        root.parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+    );
+    let status = Command::new("timeout")
+        .arg(std::env::var("MESHD_VM_TIMEOUT").unwrap_or_else(|_| "1200".into()))
+        .args([
+            "qemu-system-x86_64",
+            "-accel",
+            "tcg",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+            "2G",
+        ])
+        .args([
+            "-machine",
+            "q35",
+            "-bios",
+            "qboot.rom",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-nodefaults",
+        ])
+        .args([
+            "-serial",
+            &format!("file:{}", scratch.join("console.log").display()),
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=2G,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
+        .args([
+            "-chardev",
+            &format!("socket,id=vfs,path={}", sock.display()),
+        ])
+        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
+        .args([
+            "-virtfs",
+            &format!(
+                "local,path={},mount_tag=scratch,security_model=none,id=scratch",
+                scratch.display()
+            ),
+        ])
+        .args([
+            "-device",
+            "virtio-serial-pci",
+            "-chardev",
+            "stdio,id=out,signal=off",
+            "-device",
+            "virtconsole,chardev=out",
+        ])
+        .args(["-kernel", VM_KERNEL, "-append", &append])
+        .stdin(std::process::Stdio::null())
+        .status()
+        .context("starting qemu-system-x86_64")?;
+    let _ = vfsd.kill();
+    let _ = vfsd.wait();
+    let rc = std::fs::read_to_string(scratch.join("exit_code"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    match rc {
+        Some(rc) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            Ok(rc)
+        }
+        None => bail!(
+            "the VM gave no result (qemu: {status}); see {}",
+            scratch.join("console.log").display()
+        ),
+    }
+}
+
+/// `cargo xtask vm-test`: the WireGuard lab tests on Debian's kernel, where the kernel backend
+/// is selected, plus interop with wireguard-go.
+fn vm_test(args: &[String]) -> Result<()> {
+    setup()?;
+    let bin = test_binary("meshd", "lab")?;
+    // The VM sees this machine's / read-only: mount points the lab needs must exist here.
+    std::fs::create_dir_all("/var/lib/meshd")?;
+    let filter = args.first().cloned().unwrap_or_else(|| "wireguard".into());
+    let script = format!(
+        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel RUST_BACKTRACE=1\nmodprobe wireguard || exit 90\nexec {} {} --test-threads=1 --nocapture\n",
+        bin.display(),
+        filter
+    );
+    eprintln!(
+        "xtask vm-test: booting {VM_KERNEL} under QEMU (software emulation) to run `{filter}` lab tests"
+    );
+    let rc = run_vm(&script)?;
+    if rc != 0 {
+        bail!("the kernel-VM tests failed (exit {rc})");
+    }
+    Ok(())
 }
 
 /// CPU seconds used so far by the processes inside a lab namespace whose command line contains
 /// `needle` (the userspace WireGuard devices).
 fn cpu_seconds(netns: &str, needle: &str) -> f64 {
-    let pids = Command::new("ip").args(["netns", "pids", netns]).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    let pids = Command::new("ip")
+        .args(["netns", "pids", netns])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
     let tick = 100.0;
     pids.split_whitespace()
-        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|stat| {
-            let rest = stat.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let rest = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .collect::<Vec<_>>();
             // fields after the command: state(0) ... utime(11) stime(12)
             Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / tick)
         })
@@ -190,17 +401,41 @@ fn iperf(meshd: &std::path::Path, lab: &str, streams: u32, secs: u32) -> Result<
     let wg_cpu = |n: &str| cpu_seconds(&format!("meshd-{lab}-{n}"), "wireguard-userspace");
     let before = wg_cpu("node-1") + wg_cpu("node-2");
     let out = Command::new(meshd)
-        .args(["lab", "exec", "--name", lab, "pod-1a", "--", "iperf3", "-c", "198.19.2.10", "-J"])
+        .args([
+            "lab",
+            "exec",
+            "--name",
+            lab,
+            "pod-1a",
+            "--",
+            "iperf3",
+            "-c",
+            "198.19.2.10",
+            "-J",
+        ])
         .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
         .output()?;
     if !out.status.success() {
-        bail!("iperf3 in lab {lab} failed: {}", String::from_utf8_lossy(&out.stdout));
+        bail!(
+            "iperf3 in lab {lab} failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     let cpu = wg_cpu("node-1") + wg_cpu("node-2") - before;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let bps = v.pointer("/end/sum_received/bits_per_second").and_then(serde_json::Value::as_f64).context("iperf3 JSON without sum_received")?;
-    let bytes = v.pointer("/end/sum_received/bytes").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
-    Ok(Sample { gbit: bps / 1e9, bytes, cpu })
+    let bps = v
+        .pointer("/end/sum_received/bits_per_second")
+        .and_then(serde_json::Value::as_f64)
+        .context("iperf3 JSON without sum_received")?;
+    let bytes = v
+        .pointer("/end/sum_received/bytes")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    Ok(Sample {
+        gbit: bps / 1e9,
+        bytes,
+        cpu,
+    })
 }
 
 /// `cargo xtask bench wg`: pod-to-pod iperf3 across two lab nodes, meshd's userspace WireGuard
@@ -209,37 +444,89 @@ fn bench(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) != Some("wg") {
         bail!("usage: cargo xtask bench wg [--seconds N]");
     }
-    let secs: u32 = args.iter().position(|a| a == "--seconds").and_then(|i| args.get(i + 1)).and_then(|s| s.parse().ok()).unwrap_or(10);
+    let secs: u32 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     setup()?;
     eprintln!("xtask bench: building meshd (release)");
     sh(cargo().args(["build", "--release", "-p", "meshd"]))?;
-    let meshd = meshd_bin().parent().and_then(|p| p.parent()).map(|t| t.join("release").join("meshd")).context("target dir")?;
+    let meshd = meshd_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("release").join("meshd"))
+        .context("target dir")?;
     let labs = [("bench-plain", "none"), ("bench-wg", "wireguard")];
     for (name, enc) in labs {
-        let _ = Command::new(&meshd).args(["lab", "down", "--name", name]).status();
-        sh(Command::new(&meshd).args(["lab", "up", "--name", name, "--nodes", "2", "--pods-per-node", "1", "--encryption", enc]))?;
-        sh(Command::new(&meshd).args(["lab", "exec", "--name", name, "pod-2a", "--", "iperf3", "-s", "-D"]))?;
+        let _ = Command::new(&meshd)
+            .args(["lab", "down", "--name", name])
+            .status();
+        sh(Command::new(&meshd).args([
+            "lab",
+            "up",
+            "--name",
+            name,
+            "--nodes",
+            "2",
+            "--pods-per-node",
+            "1",
+            "--encryption",
+            enc,
+        ]))?;
+        sh(Command::new(&meshd).args([
+            "lab", "exec", "--name", name, "pod-2a", "--", "iperf3", "-s", "-D",
+        ]))?;
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     let result = (|| -> Result<()> {
-        println!("{:<26} {:>8} {:>10} {:>14}", "pod-to-pod, 2 lab nodes", "streams", "Gbit/s", "CPU-s per GB");
+        println!(
+            "{:<26} {:>8} {:>10} {:>14}",
+            "pod-to-pod, 2 lab nodes", "streams", "Gbit/s", "CPU-s per GB"
+        );
         for streams in [1, 4] {
             let mut got = Vec::new();
             for (name, enc) in labs {
                 let s = iperf(&meshd, name, streams, secs)?;
-                let per_gb = if s.bytes > 0.0 { s.cpu / (s.bytes / 1e9) } else { 0.0 };
-                let label = if enc == "none" { "no encryption" } else { "meshd userspace WireGuard" };
-                println!("{:<26} {:>8} {:>10.2} {:>14}", label, streams, s.gbit, if enc == "none" { "-".to_string() } else { format!("{per_gb:.1}") });
+                let per_gb = if s.bytes > 0.0 {
+                    s.cpu / (s.bytes / 1e9)
+                } else {
+                    0.0
+                };
+                let label = if enc == "none" {
+                    "no encryption"
+                } else {
+                    "meshd userspace WireGuard"
+                };
+                println!(
+                    "{:<26} {:>8} {:>10.2} {:>14}",
+                    label,
+                    streams,
+                    s.gbit,
+                    if enc == "none" {
+                        "-".to_string()
+                    } else {
+                        format!("{per_gb:.1}")
+                    }
+                );
                 got.push(s.gbit);
             }
             if got[0] > 0.0 {
-                println!("{:<26} {:>8} {:>10.3}", "ratio meshd / plain", streams, got[1] / got[0]);
+                println!(
+                    "{:<26} {:>8} {:>10.3}",
+                    "ratio meshd / plain",
+                    streams,
+                    got[1] / got[0]
+                );
             }
         }
         Ok(())
     })();
     for (name, _) in labs {
-        let _ = Command::new(&meshd).args(["lab", "down", "--name", name]).status();
+        let _ = Command::new(&meshd)
+            .args(["lab", "down", "--name", name])
+            .status();
     }
     result
 }
@@ -251,8 +538,11 @@ fn main() -> ExitCode {
         Some("lab") => lab(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
+        Some("vm-test") => vm_test(&args[1..]),
         _ => {
-            eprintln!("usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | bench wg [--seconds N]>");
+            eprintln!(
+                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg [--seconds N]>"
+            );
             return ExitCode::from(2);
         }
     };

@@ -107,8 +107,12 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, node_ip: Ipv4Addr) -> Result<u
 
 impl WireGuard {
     pub async fn start(cfg: &AgentConfig, node_ip: Ipv4Addr) -> Result<Self> {
-        let mut backend = select_backend(kernel_has_wireguard(), cfg.enable_wireguard_userspace_fallback)?;
-        let key = PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
+        let mut backend = select_backend(
+            kernel_has_wireguard(),
+            cfg.enable_wireguard_userspace_fallback,
+        )?;
+        let key =
+            PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
         let public_key = key.public_key();
         if backend == Backend::Kernel {
             let k = wg::kernel::KernelDevice::new(wg::INTERFACE);
@@ -126,7 +130,10 @@ impl WireGuard {
                 let socket = uapi::socket_path(wg::INTERFACE);
                 let dev = wg::Device::Userspace(socket.clone());
                 if dev.get().await.is_ok() {
-                    info!(interface = wg::INTERFACE, "adopting the running userspace WireGuard device");
+                    info!(
+                        interface = wg::INTERFACE,
+                        "adopting the running userspace WireGuard device"
+                    );
                 } else {
                     spawn_userspace_device(&cfg.state_dir)?;
                     wait_for_device(&dev).await?;
@@ -136,7 +143,10 @@ impl WireGuard {
         };
         let current = device.get().await?;
         // Setting the key resets every session: only when it differs (a restart keeps it).
-        let mut update = DeviceUpdate { fwmark: Some(wg::FWMARK), ..Default::default() };
+        let mut update = DeviceUpdate {
+            fwmark: Some(wg::FWMARK),
+            ..Default::default()
+        };
         if backend == Backend::Kernel {
             update.listen_port = Some(wg::LISTEN_PORT);
         }
@@ -151,13 +161,31 @@ impl WireGuard {
         let mtu = underlay_mtu(&handle, node_ip).await.unwrap_or(1500) - wg::OVERHEAD;
         let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
         if current_mtu != mtu {
-            handle.link().set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build()).execute().await?;
+            handle
+                .link()
+                .set(LinkUnspec::new_with_index(ifindex).mtu(mtu).build())
+                .execute()
+                .await?;
         }
-        handle.link().set(LinkUnspec::new_with_index(ifindex).up().build()).execute().await?;
+        handle
+            .link()
+            .set(LinkUnspec::new_with_index(ifindex).up().build())
+            .execute()
+            .await?;
         task.abort();
         info!(?backend, interface = wg::INTERFACE, mtu, public_key = %public_key, "WireGuard ready");
-        let keepalive = cfg.wireguard_persistent_keepalive.map(|d| d.as_secs().min(u16::MAX as u64) as u16).filter(|k| *k > 0);
-        Ok(Self { backend, public_key, ifindex, node_encryption: cfg.enable_node_encryption, keepalive, device })
+        let keepalive = cfg
+            .wireguard_persistent_keepalive
+            .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
+            .filter(|k| *k > 0);
+        Ok(Self {
+            backend,
+            public_key,
+            ifindex,
+            node_encryption: cfg.enable_node_encryption,
+            keepalive,
+            device,
+        })
     }
 
     /// Every other node's claim on a peer.
@@ -189,9 +217,17 @@ impl WireGuard {
     /// Makes the device's peers match the table; returns the peer set and the device state.
     /// `previous` is the last peer set; right after a restart it is empty and the device's own
     /// peers tell which node held which key.
-    pub async fn reconcile(&self, claims: Vec<NodeClaim>, previous: &PeerSet) -> Result<(PeerSet, DeviceInfo)> {
+    pub async fn reconcile(
+        &self,
+        claims: Vec<NodeClaim>,
+        previous: &PeerSet,
+    ) -> Result<(PeerSet, DeviceInfo)> {
         let current = self.device.get().await?;
-        let previous = if previous.peers.is_empty() { incumbents_from_device(&current, &claims) } else { previous.clone() };
+        let previous = if previous.peers.is_empty() {
+            incumbents_from_device(&current, &claims)
+        } else {
+            previous.clone()
+        };
         let want = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT, &previous);
         for (node, why) in &want.refused {
             warn!(node = %node, reason = %why, "no WireGuard peer for this node");
@@ -202,11 +238,20 @@ impl WireGuard {
         }
         for u in &updates {
             if let Some(k) = u.public_key {
-                let node = want.peers.get(&k).map(|p| p.node.as_str()).unwrap_or("(gone)");
+                let node = want
+                    .peers
+                    .get(&k)
+                    .map(|p| p.node.as_str())
+                    .unwrap_or("(gone)");
                 info!(peer = %k, node, remove = u.remove, "updating WireGuard peer");
             }
         }
-        self.device.set(DeviceUpdate { peers: updates, ..Default::default() }).await?;
+        self.device
+            .set(DeviceUpdate {
+                peers: updates,
+                ..Default::default()
+            })
+            .await?;
         Ok((want, self.device.get().await?))
     }
 }
@@ -217,13 +262,20 @@ fn incumbents_from_device(device: &DeviceInfo, claims: &[NodeClaim]) -> PeerSet 
     let mut set = PeerSet::default();
     for p in &device.peers {
         let holder = claims.iter().find(|c| {
-            c.key.as_deref().and_then(|k| PublicKey::parse_base64(k).ok()) == Some(p.public_key)
+            c.key
+                .as_deref()
+                .and_then(|k| PublicKey::parse_base64(k).ok())
+                == Some(p.public_key)
                 && p.endpoint.map(|e| e.ip()) == c.endpoint_ip
         });
         if let (Some(c), Some(endpoint)) = (holder, p.endpoint) {
             set.peers.insert(
                 p.public_key,
-                wg::peers::DesiredPeer { node: c.node.clone(), endpoint, allowed_ips: p.allowed_ips.clone() },
+                wg::peers::DesiredPeer {
+                    node: c.node.clone(),
+                    endpoint,
+                    allowed_ips: p.allowed_ips.clone(),
+                },
             );
         }
     }
