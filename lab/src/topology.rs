@@ -682,6 +682,14 @@ pub fn process_alive(pid: i32, lab_dir: &Path) -> bool {
         );
         return false;
     }
+    // Our own child may not have exec'd yet (its command line is still ours): it is ours.
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .and_then(|p| p.parse::<u32>().ok());
+    if ppid == Some(std::process::id()) {
+        return true;
+    }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let needle = lab_dir.to_string_lossy();
     String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
