@@ -42,6 +42,14 @@ pub struct NodeState {
     /// Extra agent flags (e.g. the encryption mode).
     #[serde(default)]
     pub agent_args: Vec<String>,
+    /// False for a node set up by hand (e.g. a foreign WireGuard implementation for interop
+    /// tests): it gets namespaces and pods but no `meshd agent`.
+    #[serde(default = "yes")]
+    pub runs_agent: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl NodeState {
@@ -267,7 +275,7 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
         build_hub(&mut lab)?;
         for i in 1..=opts.nodes {
             info!(node = i, "adding node");
-            add_node(&mut lab, i, opts.pods_per_node, &opts.agent_args).await?;
+            add_node(&mut lab, i, opts.pods_per_node, Some(&opts.agent_args)).await?;
         }
         Ok::<_, anyhow::Error>(())
     }
@@ -361,12 +369,12 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
 
 use std::os::unix::process::CommandExt as _;
 
-/// Adds node `index` with its pods and starts its agent.
+/// Adds node `index` with its pods and starts its agent (`agent_args = None`: no agent).
 pub async fn add_node(
     lab: &mut LabState,
     index: u8,
     pods: u8,
-    agent_args: &[String],
+    agent_args: Option<&[String]>,
 ) -> Result<()> {
     let name = format!("node-{index}");
     if lab.nodes.iter().any(|n| n.index == index) {
@@ -384,7 +392,8 @@ pub async fn add_node(
         ip: node_ip,
         agent_pid: None,
         pods: vec![],
-        agent_args: agent_args.to_vec(),
+        agent_args: agent_args.unwrap_or_default().to_vec(),
+        runs_agent: agent_args.is_some(),
     });
     lab.save()?;
     ip(&["-n", &netns, "link", "set", "lo", "up"])?;
@@ -459,8 +468,10 @@ pub async fn add_node(
     // The API server reads tokens on each start; tell the running one to reload.
     reload_apiserver(lab)?;
 
-    start_agent(lab, &name)?;
-    wait_agent_ready(lab, &name, Duration::from_secs(20)).await?;
+    if agent_args.is_some() {
+        start_agent(lab, &name)?;
+        wait_agent_ready(lab, &name, Duration::from_secs(20)).await?;
+    }
     for j in 0..pods {
         let letter = (b'a' + j) as char;
         let pod = format!("pod-{index}{letter}");
@@ -634,10 +645,12 @@ pub async fn add_pod(
         interface: ifname,
         addresses: vec![pod_ip.into()],
     };
-    meshd_api::Client::new(lab.agent_socket(node))
-        .put_endpoint(&ep)
-        .await
-        .with_context(|| format!("registering pod {pod} with the agent of {node}"))?;
+    if n.runs_agent {
+        meshd_api::Client::new(lab.agent_socket(node))
+            .put_endpoint(&ep)
+            .await
+            .with_context(|| format!("registering pod {pod} with the agent of {node}"))?;
+    }
     Ok(())
 }
 

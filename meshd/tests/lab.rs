@@ -565,3 +565,99 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
         || pings(&lab, "pod-1a", "198.19.2.10", 1),
     );
 }
+
+fn sh_in(lab: &Lab, target: &str, script: &str) -> String {
+    let out = lab.exec(target, &["sh", "-c", script]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "in {target}: {script}\n{text}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// An independent implementation on the other end: node-3 runs wireguard-go (Debian's), set up
+/// by hand with `wg` from the CiliumNode annotations, and talks to meshd's backend (userspace
+/// here, kernel in the VM).
+#[test]
+fn wireguard_interop_with_wireguard_go() {
+    if !root_or_skip() {
+        return;
+    }
+    let wgo = Command::new("sh")
+        .args(["-c", "command -v wireguard-go"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !wgo {
+        assert!(
+            std::env::var("CI").is_err(),
+            "wireguard-go is not installed; `cargo xtask setup` installs it"
+        );
+        eprintln!("SKIPPED: wireguard-go is not installed");
+        return;
+    }
+    let lab = Lab::up("t-wgo", 2, 1, "wireguard");
+    ok(&[
+        "lab",
+        "node",
+        "add",
+        "--name",
+        &lab.0,
+        "--index",
+        "3",
+        "--pods",
+        "1",
+        "--no-agent",
+    ]);
+
+    // node-3: wireguard-go, configured with wg.
+    let public = sh_in(
+        &lab,
+        "node-3",
+        "export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1; wireguard-go cilium_wg0 && \
+         umask 077 && wg genkey > /var/lib/meshd/wg.key && \
+         wg set cilium_wg0 private-key /var/lib/meshd/wg.key listen-port 51871 && \
+         ip link set cilium_wg0 mtu 1420 up && wg pubkey < /var/lib/meshd/wg.key",
+    );
+    let f = format!("{}/node-3.yaml", lab.dir());
+    std::fs::write(
+        &f,
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNode\nmetadata:\n  name: node-3\n  annotations:\n    network.cilium.io/wg-pub-key: {public}\n\
+             spec:\n  addresses:\n  - type: InternalIP\n    ip: 198.18.0.13\n  ipam:\n    podCIDRs: [198.19.3.0/24]\n  encryption:\n    key: 255\n"
+        ),
+    )
+    .unwrap();
+    lab.kubectl(&["apply", "-f", &f]);
+    for (node, i) in [("node-1", 1), ("node-2", 2)] {
+        let key = annotation(&lab, node);
+        sh_in(
+            &lab,
+            "node-3",
+            &format!(
+                "wg set cilium_wg0 peer {key} endpoint 198.18.0.1{i}:51871 allowed-ips 198.19.{i}.0/24 && ip route add 198.19.{i}.0/24 dev cilium_wg0"
+            ),
+        );
+    }
+
+    // Traffic both ways, between meshd's nodes and wireguard-go's.
+    wait_for("pod-1a to reach pod-3a", Duration::from_secs(10), || {
+        pings(&lab, "pod-1a", "198.19.3.10", 1)
+    });
+    wait_for("pod-3a to reach pod-2a", Duration::from_secs(10), || {
+        pings(&lab, "pod-3a", "198.19.2.10", 1)
+    });
+    let hs = sh_in(&lab, "node-3", "wg show cilium_wg0 latest-handshakes");
+    assert_eq!(
+        hs.lines().filter(|l| !l.ends_with("\t0")).count(),
+        2,
+        "handshakes on node-3:\n{hs}"
+    );
+    assert!(
+        wg_peers(&lab, "node-1").contains(&public),
+        "node-1 has wireguard-go's node as a peer"
+    );
+    let cap = ok(&["lab", "capture", "--name", &lab.0]);
+    assert!(cap.contains("pod addresses in the clear:      0"), "{cap}");
+}

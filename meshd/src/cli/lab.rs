@@ -99,6 +99,9 @@ pub enum NodeCommand {
         index: Option<u8>,
         #[arg(long, default_value_t = 2)]
         pods: u8,
+        /// Namespaces and pods only, no `meshd agent` (for a node set up by hand).
+        #[arg(long)]
+        no_agent: bool,
     },
     Delete {
         #[arg(long, default_value = "lab")]
@@ -228,7 +231,12 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
             Ok(())
         }
         LabCommand::Node { command } => match command {
-            NodeCommand::Add { name, index, pods } => {
+            NodeCommand::Add {
+                name,
+                index,
+                pods,
+                no_agent,
+            } => {
                 need_root()?;
                 let mut lab = LabState::load(&name)?;
                 let index = index.unwrap_or_else(|| {
@@ -241,7 +249,13 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
                     .first()
                     .map(|n| n.agent_args.clone())
                     .unwrap_or_default();
-                topology::add_node(&mut lab, index, pods, &args).await?;
+                topology::add_node(
+                    &mut lab,
+                    index,
+                    pods,
+                    (!no_agent).then_some(args.as_slice()),
+                )
+                .await?;
                 println!("node-{index} added");
                 Ok(())
             }
