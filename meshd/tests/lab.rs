@@ -564,6 +564,50 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
         Duration::from_secs(8),
         || pings(&lab, "pod-1a", "198.19.2.10", 1),
     );
+
+    // Churn: a joining node is a peer everywhere and reachable within 2 s (scaled under
+    // emulation); a leaving node is removed everywhere.
+    ok(&[
+        "lab", "node", "add", "--name", &lab.0, "--index", "4", "--pods", "1",
+    ]);
+    let key4 = annotation(&lab, "node-4");
+    let start = Instant::now();
+    wait_for(
+        "node-4 to be a peer everywhere and reachable",
+        scaled(Duration::from_secs(2)),
+        || {
+            ["node-1", "node-2", "node-3"]
+                .iter()
+                .all(|n| wg_peers(&lab, n).contains(&key4))
+                && lab
+                    .exec("pod-1a", &["ping", "-c", "1", "-W", "1", "198.19.4.10"])
+                    .status
+                    .success()
+        },
+    );
+    eprintln!(
+        "node-4 joined: peers and connectivity after {:?}",
+        start.elapsed()
+    );
+    ok(&["lab", "node", "delete", "--name", &lab.0, "node-4"]);
+    wait_for(
+        "node-4's peer to be removed everywhere",
+        scaled(Duration::from_secs(5)),
+        || {
+            ["node-1", "node-2", "node-3"]
+                .iter()
+                .all(|n| !wg_peers(&lab, n).contains(&key4))
+        },
+    );
+}
+
+/// Deadlines stretched by MESHD_TEST_TIME_SCALE (the kernel-VM runs under software emulation).
+fn scaled(d: Duration) -> Duration {
+    let k: u32 = std::env::var("MESHD_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    d * k.max(1)
 }
 
 fn sh_in(lab: &Lab, target: &str, script: &str) -> String {

@@ -350,7 +350,7 @@ fn vm_test(args: &[String]) -> Result<()> {
     std::fs::create_dir_all("/var/lib/meshd")?;
     let filter = args.first().cloned().unwrap_or_else(|| "wireguard".into());
     let script = format!(
-        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel RUST_BACKTRACE=1\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
+        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
         bin.display(),
         filter
     );
