@@ -49,6 +49,9 @@ enum Command {
         interface: String,
         #[arg(long, default_value_t = wg::LISTEN_PORT)]
         listen_port: u16,
+        /// Disable TUN TSO and UDP GSO/GRO.
+        #[arg(long)]
+        no_offload: bool,
     },
     /// Local endpoints.
     Endpoint {
@@ -105,11 +108,13 @@ fn main() -> std::process::ExitCode {
                 Command::WireguardUserspace {
                     interface,
                     listen_port,
+                    no_offload,
                 } => {
                     let socket = wg::uapi::socket_path(&interface);
                     tokio::task::spawn_blocking(move || {
                         wg::userspace::run(wg::userspace::Options {
                             interface,
+                            offload: !no_offload,
                             listen_port,
                             uapi_socket: socket,
                         })

@@ -3,6 +3,7 @@
 
 pub mod kernel;
 pub mod key;
+pub mod offload;
 pub mod peers;
 pub mod tun;
 pub mod uapi;

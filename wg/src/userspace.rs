@@ -22,7 +22,12 @@ use ipnet::IpNet;
 use tracing::{debug, info, warn};
 
 use crate::key::{PrivateKey, PublicKey};
+use crate::offload::{
+    GsoBatch, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, VnetHdr, complete_checksum, segment_tcp,
+};
 use crate::uapi::{self, DeviceInfo, DeviceUpdate, PeerInfo, Request};
+use std::os::fd::AsRawFd as _;
 
 const MAX_PACKET: usize = 65_535;
 
@@ -97,12 +102,16 @@ pub struct Device {
     listen_port: u16,
     state: RwLock<State>,
     udp: UdpSocket,
-    tun: std::fs::File,
+    tun: crate::tun::Tun,
+    /// UDP GSO works (cleared on the first refusal).
+    gso: AtomicBool,
     stop: AtomicBool,
 }
 
 pub struct Options {
     pub interface: String,
+    /// TUN TSO + UDP GSO/GRO (the fast path); off for debugging or old kernels.
+    pub offload: bool,
     pub listen_port: u16,
     pub uapi_socket: PathBuf,
 }
@@ -243,21 +252,107 @@ impl Device {
         }
     }
 
-    /// TUN → peer: encrypt what the kernel routes into the device.
+    /// Sends a batch of equal-size datagrams with one `sendmsg` (UDP GSO), or one by one where
+    /// the kernel refuses GSO.
+    fn flush(&self, batch: &mut GsoBatch, to: SocketAddr) {
+        use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage, sendmsg};
+        if batch.count == 0 {
+            return;
+        }
+        if batch.count == 1 || !self.gso.load(Ordering::Relaxed) {
+            for chunk in batch.buf.chunks(batch.segment.max(1)) {
+                self.send(chunk, to);
+            }
+            batch.clear();
+            return;
+        }
+        let seg = batch.segment as u16;
+        let iov = [std::io::IoSlice::new(&batch.buf)];
+        let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+        let addr = SockaddrStorage::from(to);
+        if let Err(e) = sendmsg(
+            self.udp.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::empty(),
+            Some(&addr),
+        ) {
+            if matches!(
+                e,
+                nix::errno::Errno::EIO | nix::errno::Errno::EINVAL | nix::errno::Errno::EOPNOTSUPP
+            ) {
+                warn!(error = %e, "UDP GSO refused; sending datagrams one by one from now on");
+                self.gso.store(false, Ordering::Relaxed);
+                for chunk in batch.buf.chunks(batch.segment.max(1)) {
+                    self.send(chunk, to);
+                }
+            } else {
+                debug!(%to, error = %e, "sending to a peer failed");
+            }
+        }
+        batch.clear();
+    }
+
+    /// TUN → peer: encrypt what the kernel routes into the device. With offloads a read is a
+    /// TCP super-packet: it is cut into segments here, encrypted one by one, and sent as one
+    /// GSO batch.
     fn tun_loop(&self) {
-        let mut buf = vec![0u8; MAX_PACKET];
+        let hdr = if self.tun.vnet_hdr { VNET_HDR_LEN } else { 0 };
+        let mut buf = vec![0u8; MAX_PACKET + hdr];
         let mut out = vec![0u8; MAX_PACKET + 148];
-        let mut tun = &self.tun;
+        let mut segs: Vec<u8> = Vec::with_capacity(2 * MAX_PACKET);
+        let mut lens: Vec<usize> = Vec::with_capacity(64);
+        let mut batch = GsoBatch::default();
+        let mut tun = &self.tun.file;
         while !self.stop.load(Ordering::Relaxed) {
             let n = match tun.read(&mut buf) {
-                Ok(n) => n,
+                Ok(n) if n > hdr => n,
+                Ok(_) => continue,
                 Err(e) => {
                     warn!(error = %e, "reading from the TUN device failed");
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 }
             };
-            let Some(dst) = Tunn::dst_address(&buf[..n]) else {
+            segs.clear();
+            lens.clear();
+            let vnet = if hdr > 0 {
+                VnetHdr::parse(&buf[..hdr])
+            } else {
+                None
+            };
+            let pkt = &mut buf[hdr..n];
+            match vnet {
+                Some(v)
+                    if v.gso_type == VIRTIO_NET_HDR_GSO_TCPV4
+                        || v.gso_type == VIRTIO_NET_HDR_GSO_TCPV6 =>
+                {
+                    if segment_tcp(pkt, usize::from(v.gso_size), &mut segs, &mut lens).is_none() {
+                        continue;
+                    }
+                }
+                Some(v) if v.gso_type != VIRTIO_NET_HDR_GSO_NONE => continue,
+                Some(v) => {
+                    if v.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+                        && complete_checksum(
+                            pkt,
+                            usize::from(v.csum_start),
+                            usize::from(v.csum_offset),
+                        )
+                        .is_none()
+                    {
+                        continue;
+                    }
+                    segs.extend_from_slice(pkt);
+                    lens.push(pkt.len());
+                }
+                None => {
+                    segs.extend_from_slice(pkt);
+                    lens.push(pkt.len());
+                }
+            }
+            // The segments of one read share a destination.
+            let Some(dst) = Tunn::dst_address(&segs[..lens[0]]) else {
                 continue;
             };
             let Some(peer) = self.state().route(dst) else {
@@ -267,80 +362,128 @@ impl Device {
                 continue;
             };
             let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-            if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&buf[..n], &mut out) {
-                self.send(d, endpoint);
+            let mut at = 0;
+            for len in &lens {
+                if let TunnResult::WriteToNetwork(d) =
+                    tunn.encapsulate(&segs[at..at + len], &mut out)
+                {
+                    if !batch.fits(d.len()) {
+                        self.flush(&mut batch, endpoint);
+                    }
+                    batch.push(d);
+                }
+                at += len;
+            }
+            drop(tunn);
+            self.flush(&mut batch, endpoint);
+        }
+    }
+
+    /// Receives datagrams; with UDP GRO one read holds several of equal size.
+    fn recv_batch(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, usize)> {
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut cmsg = nix::cmsg_space!(i32);
+        let msg = recvmsg::<SockaddrStorage>(
+            self.udp.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )?;
+        let n = msg.bytes;
+        let mut seg = n;
+        if let Ok(cmsgs) = msg.cmsgs() {
+            for c in cmsgs {
+                if let ControlMessageOwned::UdpGroSegments(s) = c {
+                    seg = usize::try_from(s).unwrap_or(n).max(1);
+                }
             }
         }
+        let src = msg
+            .address
+            .and_then(|a| {
+                a.as_sockaddr_in()
+                    .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                    .or_else(|| {
+                        a.as_sockaddr_in6()
+                            .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                    })
+            })
+            .ok_or_else(|| std::io::Error::other("a datagram without a source address"))?;
+        Ok((n, src, seg))
     }
 
     /// UDP → TUN: authenticate, decrypt, check the source against the peer's AllowedIPs.
     fn udp_loop(&self) {
+        let hdr = if self.tun.vnet_hdr { VNET_HDR_LEN } else { 0 };
         let mut buf = vec![0u8; MAX_PACKET];
-        let mut out = vec![0u8; MAX_PACKET];
-        let mut tun = &self.tun;
+        let mut out = vec![0u8; MAX_PACKET + hdr];
         while !self.stop.load(Ordering::Relaxed) {
-            let (n, src) = match self.udp.recv_from(&mut buf) {
+            let (n, src, seg) = match self.recv_batch(&mut buf) {
                 Ok(r) => r,
                 Err(e) => {
                     debug!(error = %e, "receiving failed");
                     continue;
                 }
             };
-            let Ok(packet) = Tunn::parse_incoming_packet(&buf[..n]) else {
-                continue;
-            };
-            let peer = {
-                let st = self.state();
-                match packet {
-                    Packet::HandshakeInit(p) => {
-                        let Some(private) = st.private.as_ref() else {
-                            continue;
-                        };
-                        let public = x25519_dalek::PublicKey::from(private.secret());
-                        match parse_handshake_anon(private.secret(), &public, &p) {
-                            Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
-                            Err(_) => None,
-                        }
+            for datagram in buf[..n].chunks(seg) {
+                self.handle_datagram(datagram, src, &mut out, hdr);
+            }
+        }
+    }
+
+    fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8], hdr: usize) {
+        let mut tun = &self.tun.file;
+        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
+            return;
+        };
+        let peer = {
+            let st = self.state();
+            match packet {
+                Packet::HandshakeInit(p) => {
+                    let Some(private) = st.private.as_ref() else {
+                        return;
+                    };
+                    let public = x25519_dalek::PublicKey::from(private.secret());
+                    match parse_handshake_anon(private.secret(), &public, &p) {
+                        Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
+                        Err(_) => None,
                     }
-                    Packet::HandshakeResponse(p) => {
-                        st.by_index.get(&(p.receiver_idx >> 8)).cloned()
-                    }
-                    Packet::PacketCookieReply(p) => {
-                        st.by_index.get(&(p.receiver_idx >> 8)).cloned()
-                    }
-                    Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
                 }
-            };
-            let Some(peer) = peer else { continue };
-            let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-            match tunn.decapsulate(Some(src.ip()), &buf[..n], &mut out) {
-                TunnResult::WriteToNetwork(d) => {
+                Packet::HandshakeResponse(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+                Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+            }
+        };
+        let Some(peer) = peer else { return };
+        let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
+        // The virtio-net header in front stays all-zero: a complete, unsegmented packet.
+        out[..hdr].fill(0);
+        let rest = &mut out[hdr..];
+        let to_tunnel = match tunn.decapsulate(Some(src.ip()), datagram, rest) {
+            TunnResult::WriteToNetwork(d) => {
+                self.send(d, src);
+                // Flush packets that waited for the handshake.
+                while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], rest) {
                     self.send(d, src);
-                    // Flush packets that waited for the handshake.
-                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], &mut out)
-                    {
-                        self.send(d, src);
-                    }
-                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
                 }
-                TunnResult::WriteToTunnelV4(d, addr) if peer.allows(IpAddr::V4(addr)) => {
-                    let _ = tun.write(d);
-                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
-                }
-                TunnResult::WriteToTunnelV6(d, addr) if peer.allows(IpAddr::V6(addr)) => {
-                    let _ = tun.write(d);
-                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
-                }
-                TunnResult::WriteToTunnelV4(_, addr) => {
-                    debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs")
-                }
-                TunnResult::WriteToTunnelV6(_, addr) => {
-                    debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs")
-                }
-                TunnResult::Err(e) => debug!(peer = %peer.public_key, error = ?e, "packet refused"),
-                TunnResult::Done => {
-                    *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
-                }
+                None
+            }
+            TunnResult::WriteToTunnelV4(d, addr) => Some((d.len(), IpAddr::V4(addr))),
+            TunnResult::WriteToTunnelV6(d, addr) => Some((d.len(), IpAddr::V6(addr))),
+            TunnResult::Err(e) => {
+                debug!(peer = %peer.public_key, error = ?e, "packet refused");
+                return;
+            }
+            TunnResult::Done => None,
+        };
+        drop(tunn);
+        *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
+        if let Some((len, addr)) = to_tunnel {
+            if peer.allows(addr) {
+                let _ = tun.write(&out[..hdr + len]);
+            } else {
+                debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs");
             }
         }
     }
@@ -408,15 +551,33 @@ impl Device {
 
 /// Creates the device and serves it until SIGTERM/SIGINT.
 pub fn run(opts: Options) -> Result<(), DeviceError> {
-    let tun = crate::tun::open(&opts.interface).map_err(|source| DeviceError::Tun {
-        name: opts.interface.clone(),
-        source,
-    })?;
+    let tun =
+        crate::tun::open(&opts.interface, opts.offload).map_err(|source| DeviceError::Tun {
+            name: opts.interface.clone(),
+            source,
+        })?;
     let udp =
         UdpSocket::bind(("0.0.0.0", opts.listen_port)).map_err(|source| DeviceError::Udp {
             port: opts.listen_port,
             source,
         })?;
+    // Bursts of GSO batches overrun the default buffers (drops show as UdpRcvbufErrors).
+    {
+        use nix::sys::socket::{setsockopt, sockopt};
+        const SOCKET_BUFFER: usize = 8 << 20;
+        if setsockopt(&udp, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
+            let _ = setsockopt(&udp, sockopt::RcvBuf, &SOCKET_BUFFER);
+        }
+        if setsockopt(&udp, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
+            let _ = setsockopt(&udp, sockopt::SndBuf, &SOCKET_BUFFER);
+        }
+    }
+    if opts.offload
+        && let Err(e) =
+            nix::sys::socket::setsockopt(&udp, nix::sys::socket::sockopt::UdpGroSegment, &true)
+    {
+        warn!(error = %e, "UDP GRO unavailable; datagrams arrive one by one");
+    }
     let uapi_err = |source| DeviceError::Uapi {
         path: opts.uapi_socket.clone(),
         source,
@@ -434,6 +595,7 @@ pub fn run(opts: Options) -> Result<(), DeviceError> {
         state: RwLock::new(State::default()),
         udp,
         tun,
+        gso: AtomicBool::new(opts.offload),
         stop: AtomicBool::new(false),
     });
     info!(interface = %dev.name, port = opts.listen_port, socket = %opts.uapi_socket.display(), "userspace WireGuard device up");

@@ -211,10 +211,9 @@ fn test_binary(package: &str, test: &str) -> Result<std::path::PathBuf> {
         if v["reason"] == "compiler-artifact"
             && v["target"]["name"] == test
             && v["profile"]["test"] == true
+            && let Some(exe) = v["executable"].as_str()
         {
-            if let Some(exe) = v["executable"].as_str() {
-                return Ok(exe.into());
-            }
+            return Ok(exe.into());
         }
     }
     bail!("cargo did not report the {test} test binary")
@@ -397,15 +396,82 @@ struct Sample {
     cpu: f64,
 }
 
-fn iperf(meshd: &std::path::Path, lab: &str, streams: u32, secs: u32) -> Result<Sample> {
-    let wg_cpu = |n: &str| cpu_seconds(&format!("meshd-{lab}-{n}"), "wireguard-userspace");
-    let before = wg_cpu("node-1") + wg_cpu("node-2");
+/// One tunnel implementation under test.
+struct Contender {
+    label: &'static str,
+    lab: &'static str,
+    /// `lab up --encryption …`.
+    encryption: &'static str,
+    /// For a foreign implementation: the command that starts it on interface `wgb`
+    /// (daemonizing), and the name its processes carry.
+    foreign: Option<(Vec<String>, &'static str)>,
+    /// Which processes' CPU time counts.
+    process: &'static str,
+}
+
+fn bench_tools() -> std::path::PathBuf {
+    meshd_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("bench-tools"))
+        .unwrap_or_default()
+}
+
+/// Sets up a foreign WireGuard implementation between node-1 and node-2 of `lab` (whose
+/// agents are stopped, leaving their routes, which are then pointed into `wgb`).
+fn setup_foreign(meshd: &std::path::Path, lab: &str, start: &[String]) -> Result<()> {
+    let exec = |node: &str, script: &str| -> Result<String> {
+        let out = Command::new(meshd)
+            .args(["lab", "exec", "--name", lab, node, "--", "sh", "-c", script])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{node} in {lab}: {script}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let mut keys = Vec::new();
+    for node in ["node-1", "node-2"] {
+        sh(Command::new(meshd).args(["lab", "agent", "--name", lab, "stop", node]))?;
+        let cmd = start
+            .iter()
+            .map(|a| format!("'{a}'"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        keys.push(exec(
+            node,
+            &format!(
+                "export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1; {cmd} >/var/lib/meshd/bench-tunnel.log 2>&1 && sleep 0.5 && \
+                 umask 077 && wg genkey > /var/lib/meshd/bench.key && wg set wgb private-key /var/lib/meshd/bench.key listen-port 51900 && \
+                 ip link set wgb mtu 1420 up && wg pubkey < /var/lib/meshd/bench.key"
+            ),
+        )?);
+    }
+    for (i, node) in ["node-1", "node-2"].iter().enumerate() {
+        let j = 2 - i; // the other node's index
+        exec(
+            node,
+            &format!(
+                "wg set wgb peer {} endpoint 198.18.0.1{j}:51900 allowed-ips 198.19.{j}.0/24 && ip route replace 198.19.{j}.0/24 dev wgb",
+                keys[1 - i]
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+fn iperf(meshd: &std::path::Path, c: &Contender, streams: u32, secs: u32) -> Result<Sample> {
+    let cpu = |n: &str| cpu_seconds(&format!("meshd-{}-{n}", c.lab), c.process);
+    let before = cpu("node-1") + cpu("node-2");
     let out = Command::new(meshd)
         .args([
             "lab",
             "exec",
             "--name",
-            lab,
+            c.lab,
             "pod-1a",
             "--",
             "iperf3",
@@ -417,11 +483,12 @@ fn iperf(meshd: &std::path::Path, lab: &str, streams: u32, secs: u32) -> Result<
         .output()?;
     if !out.status.success() {
         bail!(
-            "iperf3 in lab {lab} failed: {}",
+            "iperf3 through {} failed: {}",
+            c.label,
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let cpu = wg_cpu("node-1") + wg_cpu("node-2") - before;
+    let cpu = cpu("node-1") + cpu("node-2") - before;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let bps = v
         .pointer("/end/sum_received/bits_per_second")
@@ -438,8 +505,9 @@ fn iperf(meshd: &std::path::Path, lab: &str, streams: u32, secs: u32) -> Result<
     })
 }
 
-/// `cargo xtask bench wg`: pod-to-pod iperf3 across two lab nodes, meshd's userspace WireGuard
-/// against no encryption, alternating in one run; prints Gbit/s, CPU-s per GB and the ratio.
+/// `cargo xtask bench wg`: pod-to-pod iperf3 across two lab nodes through meshd's userspace
+/// WireGuard, wireguard-go, boringtun-cli, gotatun-cli and no encryption, alternating in one
+/// run; prints Gbit/s, CPU-s per GB and the ratios.
 fn bench(args: &[String]) -> Result<()> {
     if args.first().map(String::as_str) != Some("wg") {
         bail!("usage: cargo xtask bench wg [--seconds N]");
@@ -453,81 +521,149 @@ fn bench(args: &[String]) -> Result<()> {
     setup()?;
     eprintln!("xtask bench: building meshd (release)");
     sh(cargo().args(["build", "--release", "-p", "meshd"]))?;
+    let tools = bench_tools();
+    for (krate, bin) in [
+        ("gotatun-cli", "gotatun"),
+        ("boringtun-cli", "boringtun-cli"),
+    ] {
+        if !tools.join("bin").join(bin).exists() {
+            eprintln!("xtask bench: installing {krate} into {}", tools.display());
+            sh(cargo().args(["install", "--root"]).arg(&tools).arg(krate))?;
+        }
+    }
     let meshd = meshd_bin()
         .parent()
         .and_then(|p| p.parent())
         .map(|t| t.join("release").join("meshd"))
         .context("target dir")?;
-    let labs = [("bench-plain", "none"), ("bench-wg", "wireguard")];
-    for (name, enc) in labs {
-        let _ = Command::new(&meshd)
-            .args(["lab", "down", "--name", name])
-            .status();
-        sh(Command::new(&meshd).args([
-            "lab",
-            "up",
-            "--name",
-            name,
-            "--nodes",
-            "2",
-            "--pods-per-node",
-            "1",
-            "--encryption",
-            enc,
-        ]))?;
-        sh(Command::new(&meshd).args([
-            "lab", "exec", "--name", name, "pod-2a", "--", "iperf3", "-s", "-D",
-        ]))?;
-    }
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let tool = |b: &str| tools.join("bin").join(b).display().to_string();
+    let contenders = vec![
+        Contender {
+            label: "no encryption",
+            lab: "b-plain",
+            encryption: "none",
+            foreign: None,
+            process: "-",
+        },
+        Contender {
+            label: "meshd userspace",
+            lab: "b-meshd",
+            encryption: "wireguard",
+            foreign: None,
+            process: "wireguard-userspace",
+        },
+        Contender {
+            label: "wireguard-go",
+            lab: "b-wggo",
+            encryption: "none",
+            foreign: Some((vec!["wireguard-go".into(), "wgb".into()], "wireguard-go")),
+            process: "wireguard-go",
+        },
+        Contender {
+            label: "boringtun-cli",
+            lab: "b-btun",
+            encryption: "none",
+            foreign: Some((
+                vec![
+                    tool("boringtun-cli"),
+                    "--disable-drop-privileges".into(),
+                    "wgb".into(),
+                ],
+                "boringtun",
+            )),
+            process: "boringtun",
+        },
+        Contender {
+            label: "gotatun-cli",
+            lab: "b-gota",
+            encryption: "none",
+            foreign: Some((
+                vec![
+                    tool("gotatun"),
+                    "--disable-drop-privileges".into(),
+                    "--log".into(),
+                    "/var/lib/meshd/gotatun.log".into(),
+                    "wgb".into(),
+                ],
+                "gotatun",
+            )),
+            process: "gotatun",
+        },
+    ];
+    let teardown = || {
+        for c in &contenders {
+            let _ = Command::new(&meshd)
+                .args(["lab", "down", "--name", c.lab])
+                .output();
+        }
+    };
+    teardown();
     let result = (|| -> Result<()> {
+        for c in &contenders {
+            eprintln!("xtask bench: lab {} for {}", c.lab, c.label);
+            let out = Command::new(&meshd)
+                .args([
+                    "lab",
+                    "up",
+                    "--name",
+                    c.lab,
+                    "--nodes",
+                    "2",
+                    "--pods-per-node",
+                    "1",
+                    "--encryption",
+                    c.encryption,
+                ])
+                .output()?;
+            if !out.status.success() {
+                bail!("lab up {}: {}", c.lab, String::from_utf8_lossy(&out.stderr));
+            }
+            if let Some((start, _)) = &c.foreign {
+                setup_foreign(&meshd, c.lab, start)?;
+            }
+            sh(Command::new(&meshd).args([
+                "lab", "exec", "--name", c.lab, "pod-2a", "--", "iperf3", "-s", "-D",
+            ]))?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        println!("\npod-to-pod TCP, 2 lab nodes on this machine, {secs} s per run, alternating");
         println!(
-            "{:<26} {:>8} {:>10} {:>14}",
-            "pod-to-pod, 2 lab nodes", "streams", "Gbit/s", "CPU-s per GB"
+            "{:<18} {:>8} {:>10} {:>14} {:>12} {:>14}",
+            "tunnel", "streams", "Gbit/s", "CPU-s per GB", "vs plain", "vs gotatun-cli"
         );
         for streams in [1, 4] {
-            let mut got = Vec::new();
-            for (name, enc) in labs {
-                let s = iperf(&meshd, name, streams, secs)?;
+            let mut got: Vec<(f64, f64)> = Vec::new();
+            for c in &contenders {
+                let s = iperf(&meshd, c, streams, secs)?;
                 let per_gb = if s.bytes > 0.0 {
                     s.cpu / (s.bytes / 1e9)
                 } else {
                     0.0
                 };
-                let label = if enc == "none" {
-                    "no encryption"
+                got.push((s.gbit, per_gb));
+            }
+            let plain = got[0].0;
+            let gota = got[4].0;
+            for (c, (gbit, per_gb)) in contenders.iter().zip(&got) {
+                let cpu = if c.foreign.is_none() && c.encryption == "none" {
+                    "-".to_string()
                 } else {
-                    "meshd userspace WireGuard"
+                    format!("{per_gb:.1}")
                 };
                 println!(
-                    "{:<26} {:>8} {:>10.2} {:>14}",
-                    label,
+                    "{:<18} {:>8} {:>10.2} {:>14} {:>12.3} {:>14.2}",
+                    c.label,
                     streams,
-                    s.gbit,
-                    if enc == "none" {
-                        "-".to_string()
-                    } else {
-                        format!("{per_gb:.1}")
-                    }
-                );
-                got.push(s.gbit);
-            }
-            if got[0] > 0.0 {
-                println!(
-                    "{:<26} {:>8} {:>10.3}",
-                    "ratio meshd / plain",
-                    streams,
-                    got[1] / got[0]
+                    gbit,
+                    cpu,
+                    gbit / plain,
+                    gbit / gota
                 );
             }
         }
         Ok(())
     })();
-    for (name, _) in labs {
-        let _ = Command::new(&meshd)
-            .args(["lab", "down", "--name", name])
-            .status();
-    }
+    teardown();
     result
 }
 
