@@ -195,6 +195,172 @@ impl GsoBatch {
     }
 }
 
+/// Receive-side coalescing (GRO towards the TUN device): consecutive segments of one TCP flow
+/// become one super-packet with a virtio-net header, so the kernel routes and delivers them
+/// once instead of once per segment.
+#[derive(Default)]
+pub struct Coalescer {
+    /// virtio-net header room + the first packet + the payloads appended to it.
+    buf: Vec<u8>,
+    ip_len: usize,
+    tcp_len: usize,
+    ipv6: bool,
+    mss: usize,
+    count: usize,
+    next_seq: u32,
+    /// No more segments may join (a short or PSH segment ended the run).
+    closed: bool,
+}
+
+fn tcp_eligible(pkt: &[u8]) -> Option<(usize, usize, bool)> {
+    let (ip_len, ipv6) = match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 && pkt[9] == 6 => {
+            // Fragments never coalesce.
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff;
+            if frag != 0 {
+                return None;
+            }
+            (usize::from(pkt[0] & 0x0f) * 4, false)
+        }
+        6 if pkt.len() >= 40 && pkt[6] == 6 => (40, true),
+        _ => return None,
+    };
+    if pkt.len() < ip_len + 20 {
+        return None;
+    }
+    let tcp_len = usize::from(pkt[ip_len + 12] >> 4) * 4;
+    let flags = pkt[ip_len + 13];
+    // SYN, RST, FIN, URG (and CWR/ECE, which must stay on their own segment) pass alone.
+    if tcp_len < 20
+        || pkt.len() <= ip_len + tcp_len
+        || flags & (0x02 | 0x04 | 0x01 | 0x20 | 0x40 | 0x80) != 0
+    {
+        return None;
+    }
+    Some((ip_len, tcp_len, ipv6))
+}
+
+fn seq(pkt: &[u8], ip_len: usize) -> u32 {
+    u32::from_be_bytes([
+        pkt[ip_len + 4],
+        pkt[ip_len + 5],
+        pkt[ip_len + 6],
+        pkt[ip_len + 7],
+    ])
+}
+
+impl Coalescer {
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn first(&self) -> &[u8] {
+        &self.buf[VNET_HDR_LEN..]
+    }
+
+    /// Adds `pkt` if it continues the current run; `false` means: flush, then `start` it.
+    pub fn try_append(&mut self, pkt: &[u8]) -> bool {
+        if self.count == 0 || self.closed {
+            return false;
+        }
+        let Some((ip_len, tcp_len, ipv6)) = tcp_eligible(pkt) else {
+            return false;
+        };
+        let first = self.first();
+        if ip_len != self.ip_len || tcp_len != self.tcp_len || ipv6 != self.ipv6 {
+            return false;
+        }
+        let payload = pkt.len() - ip_len - tcp_len;
+        let same_addrs = if ipv6 {
+            first[8..40] == pkt[8..40]
+        } else {
+            first[12..20] == pkt[12..20] && first[1] == pkt[1] && first[8] == pkt[8]
+        };
+        let t = ip_len;
+        let same_tcp = first[t..t + 4] == pkt[t..t + 4]          // ports
+            && first[t + 8..t + 12] == pkt[t + 8..t + 12]        // ack
+            && first[t + 14..t + 16] == pkt[t + 14..t + 16]      // window
+            && first[t + 20..t + tcp_len] == pkt[t + 20..t + tcp_len] // options
+            && (first[t + 13] & !0x08) == (pkt[t + 13] & !0x08);
+        let total = self.buf.len() - VNET_HDR_LEN + payload;
+        if !same_addrs
+            || !same_tcp
+            || seq(pkt, ip_len) != self.next_seq
+            || payload > self.mss
+            || total > 65_535
+        {
+            return false;
+        }
+        self.buf.extend_from_slice(&pkt[ip_len + tcp_len..]);
+        self.count += 1;
+        self.next_seq = self.next_seq.wrapping_add(payload as u32);
+        if payload < self.mss || pkt[t + 13] & 0x08 != 0 {
+            self.closed = true;
+            // The run takes the closing segment's PSH.
+            let b = &mut self.buf[VNET_HDR_LEN..];
+            b[t + 13] |= pkt[t + 13] & 0x08;
+        }
+        true
+    }
+
+    /// Starts a run with `pkt`; returns `false` if it can never coalesce (write it alone).
+    pub fn start(&mut self, pkt: &[u8]) -> bool {
+        self.buf.clear();
+        self.count = 0;
+        self.closed = false;
+        let Some((ip_len, tcp_len, ipv6)) = tcp_eligible(pkt) else {
+            return false;
+        };
+        self.buf.resize(VNET_HDR_LEN, 0);
+        self.buf.extend_from_slice(pkt);
+        self.ip_len = ip_len;
+        self.tcp_len = tcp_len;
+        self.ipv6 = ipv6;
+        self.mss = pkt.len() - ip_len - tcp_len;
+        self.next_seq = seq(pkt, ip_len).wrapping_add(self.mss as u32);
+        self.count = 1;
+        // PSH: deliver now, nothing joins.
+        self.closed = pkt[ip_len + 13] & 0x08 != 0;
+        true
+    }
+
+    /// Finishes the run and returns the bytes to write to the TUN device (virtio-net header
+    /// included); the coalescer is empty afterwards.
+    pub fn finish(&mut self) -> &[u8] {
+        let count = std::mem::take(&mut self.count);
+        if count <= 1 {
+            self.buf[..VNET_HDR_LEN].fill(0);
+            return &self.buf;
+        }
+        let (ip_len, tcp_len, ipv6, mss) = (self.ip_len, self.tcp_len, self.ipv6, self.mss);
+        let pkt = &mut self.buf[VNET_HDR_LEN..];
+        let total = pkt.len();
+        if ipv6 {
+            pkt[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        } else {
+            pkt[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            pkt[10..12].copy_from_slice(&[0, 0]);
+            let c = fold(sum16(&pkt[..ip_len], 0));
+            pkt[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        // CHECKSUM_PARTIAL: the field holds the (uncomplemented) pseudo-header sum.
+        let seed = !fold(pseudo_header_sum(pkt, ipv6, total - ip_len));
+        pkt[ip_len + 16..ip_len + 18].copy_from_slice(&seed.to_be_bytes());
+        let hdr = &mut self.buf[..VNET_HDR_LEN];
+        hdr[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        hdr[1] = if ipv6 {
+            VIRTIO_NET_HDR_GSO_TCPV6
+        } else {
+            VIRTIO_NET_HDR_GSO_TCPV4
+        };
+        hdr[2..4].copy_from_slice(&((ip_len + tcp_len) as u16).to_le_bytes());
+        hdr[4..6].copy_from_slice(&(mss as u16).to_le_bytes());
+        hdr[6..8].copy_from_slice(&(ip_len as u16).to_le_bytes());
+        hdr[8..10].copy_from_slice(&16u16.to_le_bytes());
+        &self.buf
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +442,83 @@ mod tests {
         p[10..12].copy_from_slice(&ipc.to_be_bytes());
         complete_checksum(&mut p, 20, 16).unwrap();
         assert!(verifies(&p));
+    }
+
+    #[test]
+    fn coalescing_undoes_segmentation() {
+        let pkt = tcp4(5000, 77, 0x18); // PSH|ACK
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        segment_tcp(&pkt, 1400, &mut out, &mut lens).unwrap();
+        let mut c = Coalescer::default();
+        let mut at = 0;
+        for (i, len) in lens.iter().enumerate() {
+            let seg = &out[at..at + len];
+            if i == 0 {
+                assert!(c.start(seg));
+            } else {
+                assert!(c.try_append(seg), "segment {i} continues the run");
+            }
+            at += len;
+        }
+        let written = c.finish().to_vec();
+        let v = VnetHdr::parse(&written).unwrap();
+        assert_eq!(
+            (
+                v.gso_type,
+                v.gso_size,
+                v.hdr_len,
+                v.csum_start,
+                v.csum_offset
+            ),
+            (VIRTIO_NET_HDR_GSO_TCPV4, 1400, 40, 20, 16)
+        );
+        let body = &written[VNET_HDR_LEN..];
+        assert_eq!(body.len(), pkt.len());
+        assert_eq!(&body[40..], &pkt[40..], "payload back in one piece");
+        assert_eq!(body[33] & 0x08, 0x08, "PSH of the last segment kept");
+        assert!(fold(sum16(&body[..20], 0)) == 0, "IPv4 header checksum");
+        // The kernel completes a partial checksum from the seed: that must give a valid sum.
+        let mut done = body.to_vec();
+        complete_checksum(&mut done, 20, 16).unwrap();
+        assert_eq!(
+            fold(sum16(
+                &done[20..],
+                pseudo_header_sum(&done, false, done.len() - 20)
+            )),
+            0
+        );
+    }
+
+    #[test]
+    fn runs_break_on_gaps_other_flows_and_control_flags() {
+        let a = tcp4(1400, 1000, 0x10);
+        let mut c = Coalescer::default();
+        assert!(c.start(&a));
+        assert!(!c.try_append(&tcp4(1400, 5000, 0x10)), "a sequence gap");
+        let mut other = tcp4(1400, 2400, 0x10);
+        other[22..24].copy_from_slice(&1u16.to_be_bytes());
+        assert!(!c.try_append(&other), "another flow");
+        assert!(!c.try_append(&tcp4(1400, 2400, 0x11)), "FIN");
+        assert!(
+            c.try_append(&tcp4(700, 2400, 0x10)),
+            "a short segment ends the run"
+        );
+        assert!(
+            !c.try_append(&tcp4(1400, 3100, 0x10)),
+            "nothing after a short segment"
+        );
+        assert!(
+            !Coalescer::default().start(&tcp4(10, 1, 0x02)),
+            "SYN never coalesces"
+        );
+        let single = tcp4(100, 1, 0x10);
+        let mut c = Coalescer::default();
+        assert!(c.start(&single));
+        assert_eq!(
+            c.finish()[..VNET_HDR_LEN],
+            [0; VNET_HDR_LEN],
+            "one packet goes out plain"
+        );
     }
 
     #[test]

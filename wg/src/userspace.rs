@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 
 use crate::key::{PrivateKey, PublicKey};
 use crate::offload::{
-    GsoBatch, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, VnetHdr, complete_checksum, segment_tcp,
+    Coalescer, GsoBatch, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, VnetHdr, complete_checksum,
+    segment_tcp,
 };
 use crate::uapi::{self, DeviceInfo, DeviceUpdate, PeerInfo, Request};
 use std::os::fd::AsRawFd as _;
@@ -413,11 +414,14 @@ impl Device {
         Ok((n, src, seg))
     }
 
-    /// UDP → TUN: authenticate, decrypt, check the source against the peer's AllowedIPs.
+    /// UDP → TUN: authenticate, decrypt, check the source against the peer's AllowedIPs; with
+    /// offloads, consecutive segments of one TCP flow are written as one super-packet.
     fn udp_loop(&self) {
         let hdr = if self.tun.vnet_hdr { VNET_HDR_LEN } else { 0 };
         let mut buf = vec![0u8; MAX_PACKET];
         let mut out = vec![0u8; MAX_PACKET + hdr];
+        let mut run = Coalescer::default();
+        let mut tun = &self.tun.file;
         while !self.stop.load(Ordering::Relaxed) {
             let (n, src, seg) = match self.recv_batch(&mut buf) {
                 Ok(r) => r,
@@ -427,23 +431,46 @@ impl Device {
                 }
             };
             for datagram in buf[..n].chunks(seg) {
-                self.handle_datagram(datagram, src, &mut out, hdr);
+                let Some(len) = self.handle_datagram(datagram, src, &mut out, hdr) else {
+                    continue;
+                };
+                if hdr == 0 {
+                    let _ = tun.write(&out[..len]);
+                    continue;
+                }
+                let pkt = &out[hdr..hdr + len];
+                if run.try_append(pkt) {
+                    continue;
+                }
+                if !run.is_empty() {
+                    let _ = tun.write(run.finish());
+                }
+                if !run.start(pkt) {
+                    out[..hdr].fill(0);
+                    let _ = tun.write(&out[..hdr + len]);
+                }
+            }
+            if !run.is_empty() {
+                let _ = tun.write(run.finish());
             }
         }
     }
 
-    fn handle_datagram(&self, datagram: &[u8], src: SocketAddr, out: &mut [u8], hdr: usize) {
-        let mut tun = &self.tun.file;
-        let Ok(packet) = Tunn::parse_incoming_packet(datagram) else {
-            return;
-        };
+    /// Handles one datagram: answers handshakes, and returns the length of a decrypted packet
+    /// (at `out[hdr..]`) that may enter the tunnel interface.
+    fn handle_datagram(
+        &self,
+        datagram: &[u8],
+        src: SocketAddr,
+        out: &mut [u8],
+        hdr: usize,
+    ) -> Option<usize> {
+        let packet = Tunn::parse_incoming_packet(datagram).ok()?;
         let peer = {
             let st = self.state();
             match packet {
                 Packet::HandshakeInit(p) => {
-                    let Some(private) = st.private.as_ref() else {
-                        return;
-                    };
+                    let private = st.private.as_ref()?;
                     let public = x25519_dalek::PublicKey::from(private.secret());
                     match parse_handshake_anon(private.secret(), &public, &p) {
                         Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
@@ -454,11 +481,8 @@ impl Device {
                 Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
                 Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
             }
-        };
-        let Some(peer) = peer else { return };
+        }?;
         let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
-        // The virtio-net header in front stays all-zero: a complete, unsegmented packet.
-        out[..hdr].fill(0);
         let rest = &mut out[hdr..];
         let to_tunnel = match tunn.decapsulate(Some(src.ip()), datagram, rest) {
             TunnResult::WriteToNetwork(d) => {
@@ -473,19 +497,18 @@ impl Device {
             TunnResult::WriteToTunnelV6(d, addr) => Some((d.len(), IpAddr::V6(addr))),
             TunnResult::Err(e) => {
                 debug!(peer = %peer.public_key, error = ?e, "packet refused");
-                return;
+                return None;
             }
             TunnResult::Done => None,
         };
         drop(tunn);
         *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(src);
-        if let Some((len, addr)) = to_tunnel {
-            if peer.allows(addr) {
-                let _ = tun.write(&out[..hdr + len]);
-            } else {
-                debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs");
-            }
+        let (len, addr) = to_tunnel?;
+        if !peer.allows(addr) {
+            debug!(peer = %peer.public_key, %addr, "dropped: source not in AllowedIPs");
+            return None;
         }
+        Some(len)
     }
 
     fn timer_loop(&self) {
