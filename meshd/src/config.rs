@@ -245,6 +245,14 @@ impl AgentConfig {
                 "IPsec (enable-ipsec) is not available in this build of meshd yet; use enable-wireguard".into(),
             ));
         }
+        if self.enable_node_encryption {
+            // AllowedIPs would carry node IPs, but host traffic is not yet routed into the
+            // tunnel (that needs fwmark policy routing); claiming it would be a lie.
+            return Err(ConfigError::Invalid(
+                "node encryption (enable-node-encryption) is not available in this build of meshd yet; only pod traffic is encrypted"
+                    .into(),
+            ));
+        }
         if self.route_sync_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "route-sync-interval must be at least 1s".into(),
@@ -294,6 +302,8 @@ mod tests {
             AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()]))
                 .unwrap();
         assert!(c.enable_node_encryption);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("enable-node-encryption"), "{e}");
         std::fs::write(dir.path().join("no-such-option"), "1").unwrap();
         let e =
             AgentConfig::parse_with_files(argv(&["--config-dir", dir.path().to_str().unwrap()]))

@@ -441,6 +441,19 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
         ]),
         "255"
     );
+    // MTU = underlay MTU - 80, fwmark 0x1e00, port 51871, as Cilium sets them.
+    let link = String::from_utf8_lossy(
+        &lab.exec("node-1", &["ip", "link", "show", "cilium_wg0"])
+            .stdout,
+    )
+    .into_owned();
+    assert!(link.contains("mtu 1420"), "{link}");
+    let show = String::from_utf8_lossy(&lab.exec("node-1", &["wg", "show", "cilium_wg0"]).stdout)
+        .into_owned();
+    assert!(
+        show.contains("fwmark: 0x1e00") && show.contains("listening port: 51871"),
+        "{show}"
+    );
 
     // Cilium's lines first.
     let st = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "encrypt", "status"]).stdout)
