@@ -53,6 +53,11 @@ enum Command {
         #[arg(long)]
         no_offload: bool,
     },
+    /// Network policies.
+    Policy {
+        #[command(subcommand)]
+        command: cli::PolicyCommand,
+    },
     /// Local endpoints.
     Endpoint {
         #[command(subcommand)]
@@ -105,6 +110,7 @@ fn main() -> std::process::ExitCode {
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
                 Command::Encrypt { command } => cli::encrypt(command).await,
+                Command::Policy { command } => cli::policy(command),
                 Command::WireguardUserspace {
                     interface,
                     listen_port,
