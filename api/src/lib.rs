@@ -24,6 +24,10 @@ pub struct EndpointSpec {
     /// The host-side interface of the endpoint's veth.
     pub interface: String,
     pub addresses: Vec<IpAddr>,
+    /// Its security identity, as the agent allocated it (ignored when the CNI plugin adds an
+    /// endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

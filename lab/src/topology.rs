@@ -644,6 +644,7 @@ pub async fn add_pod(
         labels,
         interface: ifname,
         addresses: vec![pod_ip.into()],
+        identity: None,
     };
     if n.runs_agent {
         meshd_api::Client::new(lab.agent_socket(node))

@@ -790,3 +790,82 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
         );
     }
 }
+
+/// Endpoints get security identities the CRD way (same labels → same identity, on any node),
+/// are published as CiliumEndpoints, and lose them when they go.
+#[test]
+fn identities_and_cilium_endpoints() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-id", 2, 1, "none");
+    ok(&[
+        "lab", "pod", "add", "--name", &lab.0, "--node", "node-1", "--label", "app=web", "web-1",
+    ]);
+    ok(&[
+        "lab", "pod", "add", "--name", &lab.0, "--node", "node-2", "--label", "app=web", "web-2",
+    ]);
+    let cep_identity =
+        |name: &str| lab.kubectl(&["get", "cep", name, "-o", "jsonpath={.status.identity.id}"]);
+    wait_for(
+        "CiliumEndpoints for every pod",
+        Duration::from_secs(5),
+        || {
+            let out = Command::new("kubectl")
+                .arg("--kubeconfig")
+                .arg(format!("{}/admin.kubeconfig", lab.dir()))
+                .args(["get", "cep", "-o", "name"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).lines().count() == 4
+        },
+    );
+    let (w1, w2, a) = (
+        cep_identity("web-1"),
+        cep_identity("web-2"),
+        cep_identity("pod-1a"),
+    );
+    assert_eq!(w1, w2, "the same labels share one identity across nodes");
+    assert_ne!(w1, a);
+    assert!(w1.parse::<u32>().unwrap() >= 256 && a.parse::<u32>().unwrap() >= 256);
+    let ids = lab.kubectl(&["get", "ciliumidentities", "-o", "name"]);
+    assert_eq!(ids.lines().count(), 3, "{ids}");
+    let labels = lab.kubectl(&[
+        "get",
+        "ciliumidentity",
+        &w1,
+        "-o",
+        "jsonpath={.security-labels}",
+    ]);
+    assert!(
+        labels.contains("k8s:app") && labels.contains("k8s:io.kubernetes.pod.namespace"),
+        "{labels}"
+    );
+    let list = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "endpoint", "list"]).stdout)
+        .into_owned();
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("default/web-1") && l.contains(&w1)),
+        "{list}"
+    );
+
+    // A restarted agent finds the identities again instead of allocating new ones.
+    ok(&["lab", "agent", "--name", &lab.0, "restart", "node-1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        lab.kubectl(&["get", "ciliumidentities", "-o", "name"])
+            .lines()
+            .count(),
+        3
+    );
+    assert_eq!(cep_identity("web-1"), w1);
+
+    // A deleted pod takes its CiliumEndpoint with it.
+    ok(&["lab", "pod", "delete", "--name", &lab.0, "web-1"]);
+    wait_for(
+        "web-1's CiliumEndpoint to go",
+        Duration::from_secs(5),
+        || !lab.kubectl(&["get", "cep", "-o", "name"]).contains("web-1"),
+    );
+    assert!(lab.kubectl(&["get", "cep", "-o", "name"]).contains("web-2"));
+}

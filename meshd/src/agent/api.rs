@@ -92,9 +92,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.status()),
-        (&Method::GET, ["v1", "endpoints"]) => {
-            json(StatusCode::OK, &shared.lock().endpoints.list())
-        }
+        (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.endpoints()),
         (&Method::PUT, ["v1", "endpoints", ns, name]) => {
             let (ns, name) = (ns.to_string(), name.to_string());
             let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
@@ -114,7 +112,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
             match result {
                 Ok(()) => {
                     tracing::info!(endpoint = %format!("{ns}/{name}"), "endpoint added");
-                    shared.trigger();
+                    shared.endpoints_changed();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
                 Err(e @ super::endpoints::EndpointError::Invalid { .. }) => {
@@ -128,7 +126,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
             match result {
                 Ok(true) => {
                     tracing::info!(endpoint = %format!("{ns}/{name}"), "endpoint deleted");
-                    shared.trigger();
+                    shared.endpoints_changed();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
                 Ok(false) => err(

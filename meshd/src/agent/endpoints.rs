@@ -84,6 +84,9 @@ impl EndpointStore {
         name: &str,
         ep: EndpointSpec,
     ) -> Result<(), EndpointError> {
+        // Identities are the agent's to allocate, whatever the caller sent.
+        let mut ep = ep;
+        ep.identity = None;
         let invalid = |field, message: String| EndpointError::Invalid {
             namespace: namespace.into(),
             name: name.into(),
@@ -149,6 +152,7 @@ mod tests {
             labels: [("app".to_string(), "web".to_string())].into(),
             interface: "lxc1".into(),
             addresses: vec!["198.19.1.10".parse().unwrap()],
+            identity: None,
         }
     }
 

@@ -4,6 +4,7 @@
 
 mod api;
 pub mod endpoints;
+pub mod identity;
 pub mod nodes;
 pub mod routes;
 pub mod wireguard;
@@ -40,6 +41,8 @@ pub struct AgentState {
     /// The own CiliumNode as last seen by the watcher.
     pub own_object: Option<DynamicObject>,
     pub wg: Option<WgView>,
+    /// Local endpoint (namespace, name) → its security identity.
+    pub identities: BTreeMap<(String, String), u32>,
 }
 
 /// What the WireGuard reconciler last saw and did.
@@ -115,6 +118,8 @@ pub struct Shared {
     started: Instant,
     state: Mutex<AgentState>,
     wake: Notify,
+    /// Local endpoints changed.
+    endpoints_changed: Notify,
 }
 
 impl Shared {
@@ -125,6 +130,28 @@ impl Shared {
     /// Asks the reconcilers to run now.
     pub fn trigger(&self) {
         self.wake.notify_waiters();
+    }
+
+    /// Local endpoints were added or removed.
+    pub fn endpoints_changed(&self) {
+        self.endpoints_changed.notify_waiters();
+        self.trigger();
+    }
+
+    /// Local endpoints with the identities allocated for them.
+    pub fn endpoints(&self) -> Vec<meshd_api::EndpointSpec> {
+        let s = self.lock();
+        s.endpoints
+            .list()
+            .into_iter()
+            .map(|mut e| {
+                e.identity = s
+                    .identities
+                    .get(&(e.namespace.clone(), e.name.clone()))
+                    .copied();
+                e
+            })
+            .collect()
     }
 
     pub fn status(&self) -> Status {
@@ -328,15 +355,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             own,
             own_object: None,
             wg: None,
+            identities: BTreeMap::new(),
         }),
         wake: Notify::new(),
+        endpoints_changed: Notify::new(),
     });
 
     let listener = api::bind(&cfg.socket_path).await?;
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(api::serve(listener, shared.clone()));
     tasks.spawn(watch_nodes(api.clone(), shared.clone()));
-    tasks.spawn(publish_own_node(api, shared.clone()));
+    tasks.spawn(publish_own_node(api.clone(), shared.clone()));
+    tasks.spawn(reconcile_endpoints(
+        api.clone().into_client(),
+        shared.clone(),
+        wg.is_some(),
+    ));
     tasks.spawn(reconcile_datapath(
         routes,
         wg,
@@ -553,6 +587,81 @@ async fn reconcile_datapath(
         tokio::select! {
             _ = wake => {}
             _ = tokio::time::sleep(tick) => {}
+        }
+    }
+}
+
+/// Local endpoints → identities and CiliumEndpoint objects; this node's CiliumEndpoints that no
+/// endpoint backs any more are removed (also those left from before a restart).
+async fn reconcile_endpoints(client: kube::Client, shared: Arc<Shared>, encrypted: bool) {
+    let ids: Api<DynamicObject> = Api::all_with(client.clone(), &identity::identity_resource());
+    let mut by_labels: BTreeMap<BTreeMap<String, String>, u32> = BTreeMap::new();
+    loop {
+        let wake = shared.endpoints_changed.notified();
+        let (eps, node, node_ip, synced) = {
+            let s = shared.lock();
+            (
+                s.endpoints.list(),
+                s.own.name.clone(),
+                s.own.internal_ip.to_string(),
+                s.synced,
+            )
+        };
+        let mut ok = synced;
+        if synced {
+            let mut assigned = BTreeMap::new();
+            for ep in &eps {
+                let labels = identity::security_labels(ep);
+                let id = match by_labels.get(&labels) {
+                    Some(id) => *id,
+                    None => match identity::allocate(&ids, &labels).await {
+                        Ok(id) => {
+                            by_labels.insert(labels.clone(), id);
+                            id
+                        }
+                        Err(e) => {
+                            warn!(endpoint = %format!("{}/{}", ep.namespace, ep.name), error = %e, "no identity yet; retrying");
+                            ok = false;
+                            continue;
+                        }
+                    },
+                };
+                let cep = identity::cilium_endpoint(
+                    ep,
+                    id,
+                    &labels,
+                    &node,
+                    &node_ip,
+                    if encrypted {
+                        wireguard::STATIC_ENCRYPT_KEY
+                    } else {
+                        0
+                    },
+                );
+                if let Err(e) = identity::publish_endpoint(&client, &cep).await {
+                    warn!(endpoint = %format!("{}/{}", ep.namespace, ep.name), error = %e, "publishing the CiliumEndpoint failed; retrying");
+                    ok = false;
+                }
+                assigned.insert((ep.namespace.clone(), ep.name.clone()), id);
+            }
+            let keep: Vec<(String, String)> = eps
+                .iter()
+                .map(|e| (e.namespace.clone(), e.name.clone()))
+                .collect();
+            if let Err(e) = identity::remove_stale_endpoints(&client, &node, &keep).await {
+                warn!(error = %e, "removing stale CiliumEndpoints failed; retrying");
+                ok = false;
+            }
+            shared.lock().identities = assigned;
+        }
+        let retry = if ok {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(retry) => {}
         }
     }
 }

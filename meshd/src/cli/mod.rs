@@ -299,8 +299,8 @@ pub async fn endpoint(cmd: EndpointCommand) -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&eps)?),
                 Output::Table => {
                     println!(
-                        "{:<28} {:<12} {:<18} LABELS",
-                        "ENDPOINT", "INTERFACE", "IPv4"
+                        "{:<28} {:<10} {:<12} {:<18} LABELS",
+                        "ENDPOINT", "IDENTITY", "INTERFACE", "IPv4"
                     );
                     for e in eps {
                         let ip = e
@@ -311,9 +311,11 @@ pub async fn endpoint(cmd: EndpointCommand) -> Result<()> {
                             .unwrap_or_default();
                         let labels: Vec<String> =
                             e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                        let id = e.identity.map_or("pending".to_string(), |i| i.to_string());
                         println!(
-                            "{:<28} {:<12} {:<18} {}",
+                            "{:<28} {:<10} {:<12} {:<18} {}",
                             format!("{}/{}", e.namespace, e.name),
+                            id,
                             e.interface,
                             ip,
                             labels.join(",")
