@@ -68,9 +68,50 @@ fn install(packages: &[(&str, &str)]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
+/// The eBPF toolchain: nightly's rust-src (for `-Z build-std=core`) and bpf-linker linked
+/// against nightly's own libLLVM (plain `cargo install bpf-linker` wants an LLVM Debian lacks).
+fn setup_ebpf() -> Result<()> {
+    let has_src = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        eprintln!("xtask setup: installing rust-src for the nightly toolchain (eBPF builds)");
+        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if which("bpf-linker").is_some() {
+        return Ok(());
+    }
+    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let sysroot = std::path::PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    let version = Command::new("rustc").args(["+nightly", "-vV"]).output()?;
+    let major = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: ").map(|v| v.split('.').next().unwrap_or("").to_string()))
+        .context("nightly rustc does not say its LLVM version")?;
+    let lib = std::fs::read_dir(sysroot.join("lib"))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .context("nightly has no libLLVM.so")?;
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let prefix = std::path::Path::new(&home).join(".local/lib/bpf-linker-llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let name = lib.file_name().context("libLLVM path")?.to_owned();
+    std::fs::copy(&lib, prefix.join("lib").join(&name))?;
+    let link = prefix.join("lib").join("libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&name, &link)?;
+    eprintln!("xtask setup: building bpf-linker against nightly's LLVM {major} (about 2 minutes, once)");
+    sh(cargo()
+        .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+        .env("LLVM_PREFIX", &prefix))
+}
+
 fn setup() -> Result<()> {
     install(PACKAGES)?;
     install(VM_PACKAGES)?;
+    setup_ebpf()?;
     eprintln!(
         "xtask setup: all {} Debian packages present",
         PACKAGES.len() + VM_PACKAGES.len()
