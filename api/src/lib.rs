@@ -220,3 +220,59 @@ impl Client {
         .map(drop)
     }
 }
+
+/// A policy object as the agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyObjectStatus {
+    /// `CiliumNetworkPolicy prod/web`.
+    pub object: String,
+    /// A version of it is in force (the latest, or the last good one).
+    pub in_force: bool,
+    /// Why the latest version was refused.
+    pub error: Option<String>,
+    /// `field: reason` for each part meshd does not enforce.
+    pub unsupported: Vec<String>,
+}
+
+/// One policy-map entry (CILIUM-CONTRACT.md key and value).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyEntryView {
+    pub identity: u32,
+    /// `ingress` or `egress`.
+    pub direction: String,
+    /// 0 = any.
+    pub protocol: u8,
+    pub port: u16,
+    pub prefix_len: u32,
+    /// `allow` or `deny`.
+    pub verdict: String,
+    /// The auth byte (type | 0x80 when set explicitly).
+    pub auth_type: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointPolicy {
+    pub endpoint: String,
+    pub identity: Option<u32>,
+    pub ingress_enforced: bool,
+    pub egress_enforced: bool,
+    pub entries: Vec<PolicyEntryView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// Whether the datapath enforces these entries, and if not why.
+    pub enforcement: String,
+    pub objects: Vec<PolicyObjectStatus>,
+    pub endpoints: Vec<EndpointPolicy>,
+}
+
+impl Client {
+    pub async fn policy(&self) -> Result<PolicyStatus, ClientError> {
+        self.get("/v1/policy").await
+    }
+}

@@ -110,7 +110,7 @@ fn main() -> std::process::ExitCode {
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
                 Command::Encrypt { command } => cli::encrypt(command).await,
-                Command::Policy { command } => cli::policy(command),
+                Command::Policy { command } => cli::policy(command).await,
                 Command::WireguardUserspace {
                     interface,
                     listen_port,

@@ -869,3 +869,131 @@ fn identities_and_cilium_endpoints() {
     );
     assert!(lab.kubectl(&["get", "cep", "-o", "name"]).contains("web-2"));
 }
+
+/// Policies applied with kubectl reach every agent and compile into the endpoint's entries
+/// (auth-required marked 0x81); a malformed update is refused with the field named while the
+/// last good version stays in force; deletion returns the endpoint to allow-all.
+#[test]
+fn policies_compile_per_endpoint_and_keep_the_last_good_version() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-pol", 2, 0, "none");
+    ok(&[
+        "lab", "pod", "add", "--name", &lab.0, "--node", "node-1", "--label", "app=web", "web-1",
+    ]);
+    ok(&[
+        "lab",
+        "pod",
+        "add",
+        "--name",
+        &lab.0,
+        "--node",
+        "node-2",
+        "--label",
+        "app=client",
+        "client-1",
+    ]);
+    let policy = |port: &str| {
+        format!(
+            "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: web-auth, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    authentication: {{mode: required}}\n    toPorts: [{{ports: [{{port: \"{port}\", protocol: TCP}}]}}]\n"
+        )
+    };
+    let f = format!("{}/p.yaml", lab.dir());
+    std::fs::write(&f, policy("8080")).unwrap();
+    lab.kubectl(&["apply", "-f", &f]);
+    let get = || -> serde_json::Value {
+        let out = lab.exec(
+            "node-1",
+            &[
+                MESHD,
+                "policy",
+                "get",
+                "--endpoint",
+                "default/web-1",
+                "-o",
+                "json",
+            ],
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let client_id: u64 = {
+        let mut id = 0;
+        wait_for("client-1's identity", Duration::from_secs(5), || {
+            id = lab
+                .kubectl(&[
+                    "get",
+                    "cep",
+                    "client-1",
+                    "-o",
+                    "jsonpath={.status.identity.id}",
+                ])
+                .parse()
+                .unwrap_or(0);
+            id != 0
+        });
+        id
+    };
+    wait_for(
+        "node-1 to compile the policy",
+        Duration::from_secs(5),
+        || {
+            let st = get();
+            st["endpoints"][0]["ingressEnforced"] == true
+                && st["endpoints"][0]["entries"]
+                    .as_array()
+                    .is_some_and(|e| !e.is_empty())
+        },
+    );
+    let st = get();
+    let entry = &st["endpoints"][0]["entries"][0];
+    assert_eq!(entry["identity"], client_id);
+    assert_eq!(
+        (
+            entry["protocol"].as_u64(),
+            entry["port"].as_u64(),
+            entry["prefixLen"].as_u64()
+        ),
+        (Some(6), Some(8080), Some(64))
+    );
+    assert_eq!(
+        (entry["verdict"].as_str(), entry["authType"].as_u64()),
+        (Some("allow"), Some(0x81))
+    );
+    assert!(
+        st["enforcement"]
+            .as_str()
+            .unwrap()
+            .starts_with("not enforced"),
+        "status must not claim enforcement"
+    );
+
+    std::fs::write(&f, policy("99999")).unwrap();
+    lab.kubectl(&["apply", "-f", &f]);
+    wait_for(
+        "node-1 to refuse the bad update",
+        Duration::from_secs(5),
+        || {
+            get()["objects"][0]["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("spec.ingress[0].toPorts[0].ports[0].port"))
+        },
+    );
+    assert_eq!(
+        get()["endpoints"][0]["entries"][0]["port"],
+        8080,
+        "the last good version stays in force"
+    );
+    let log = std::fs::read_to_string(format!("{}/nodes/node-1/agent.log", lab.dir())).unwrap();
+    assert!(
+        log.contains("refusing a policy object") && log.contains("web-auth"),
+        "{log}"
+    );
+
+    lab.kubectl(&["delete", "-f", &f]);
+    wait_for(
+        "the endpoint to go back to allow-all",
+        Duration::from_secs(5),
+        || get()["endpoints"][0]["ingressEnforced"] == false,
+    );
+}

@@ -47,4 +47,15 @@ pub fn parse_documents(text: &str, source: &str) -> Vec<Result<Policy, PolicyErr
     out
 }
 
+/// Checks one object as the API server returns it (JSON); `origin` names it in errors when it
+/// has no name.
+pub fn parse_object(value: serde_json::Value, origin: &str) -> Result<Policy, PolicyError> {
+    let yaml = serde_yaml::to_value(value).map_err(|e| PolicyError {
+        object: origin.into(),
+        field: "(object)".into(),
+        message: e.to_string(),
+    })?;
+    normalize::from_yaml(yaml, origin)
+}
+
 use serde::Deserialize as _;

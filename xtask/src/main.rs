@@ -74,25 +74,43 @@ fn setup_ebpf() -> Result<()> {
     let has_src = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")));
+        .is_ok_and(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        });
     if !has_src {
         eprintln!("xtask setup: installing rust-src for the nightly toolchain (eBPF builds)");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     if which("bpf-linker").is_some() {
         return Ok(());
     }
-    let sysroot = Command::new("rustc").args(["+nightly", "--print", "sysroot"]).output()?;
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()?;
     let sysroot = std::path::PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
     let version = Command::new("rustc").args(["+nightly", "-vV"]).output()?;
     let major = String::from_utf8_lossy(&version.stdout)
         .lines()
-        .find_map(|l| l.strip_prefix("LLVM version: ").map(|v| v.split('.').next().unwrap_or("").to_string()))
+        .find_map(|l| {
+            l.strip_prefix("LLVM version: ")
+                .map(|v| v.split('.').next().unwrap_or("").to_string())
+        })
         .context("nightly rustc does not say its LLVM version")?;
     let lib = std::fs::read_dir(sysroot.join("lib"))?
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .context("nightly has no libLLVM.so")?;
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
     let prefix = std::path::Path::new(&home).join(".local/lib/bpf-linker-llvm");
@@ -102,9 +120,17 @@ fn setup_ebpf() -> Result<()> {
     let link = prefix.join("lib").join("libLLVM.so");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(&name, &link)?;
-    eprintln!("xtask setup: building bpf-linker against nightly's LLVM {major} (about 2 minutes, once)");
+    eprintln!(
+        "xtask setup: building bpf-linker against nightly's LLVM {major} (about 2 minutes, once)"
+    );
     sh(cargo()
-        .args(["install", "bpf-linker", "--no-default-features", "--features", &format!("llvm-{major}")])
+        .args([
+            "install",
+            "bpf-linker",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
         .env("LLVM_PREFIX", &prefix))
 }
 

@@ -93,6 +93,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.status()),
         (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.endpoints()),
+        (&Method::GET, ["v1", "policy"]) => json(StatusCode::OK, &shared.policy_status()),
         (&Method::PUT, ["v1", "endpoints", ns, name]) => {
             let (ns, name) = (ns.to_string(), name.to_string());
             let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {

@@ -6,6 +6,7 @@ mod api;
 pub mod endpoints;
 pub mod identity;
 pub mod nodes;
+pub mod policy;
 pub mod routes;
 pub mod wireguard;
 
@@ -43,6 +44,7 @@ pub struct AgentState {
     pub wg: Option<WgView>,
     /// Local endpoint (namespace, name) → its security identity.
     pub identities: BTreeMap<(String, String), u32>,
+    pub policy: policy::Repository,
 }
 
 /// What the WireGuard reconciler last saw and did.
@@ -120,6 +122,8 @@ pub struct Shared {
     wake: Notify,
     /// Local endpoints changed.
     endpoints_changed: Notify,
+    /// Policies, identities or endpoints changed: recompile.
+    policy_changed: Notify,
 }
 
 impl Shared {
@@ -135,7 +139,76 @@ impl Shared {
     /// Local endpoints were added or removed.
     pub fn endpoints_changed(&self) {
         self.endpoints_changed.notify_waiters();
+        self.policy_changed();
         self.trigger();
+    }
+
+    pub fn policy_changed(&self) {
+        self.policy_changed.notify_waiters();
+    }
+
+    pub fn policy_status(&self) -> meshd_api::PolicyStatus {
+        let s = self.lock();
+        let objects = s
+            .policy
+            .objects
+            .iter()
+            .map(|((kind, ns, name), e)| meshd_api::PolicyObjectStatus {
+                object: if ns.is_empty() {
+                    format!("{kind:?} {name}")
+                } else {
+                    format!("{kind:?} {ns}/{name}")
+                },
+                in_force: e.good.is_some(),
+                error: e.error.as_ref().map(ToString::to_string),
+                unsupported: e
+                    .good
+                    .iter()
+                    .flat_map(|p| {
+                        p.unsupported
+                            .iter()
+                            .map(|u| format!("{}: {}", u.field, u.reason))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let endpoints = s
+            .policy
+            .compiled
+            .iter()
+            .map(|((ns, name), c)| meshd_api::EndpointPolicy {
+                endpoint: format!("{ns}/{name}"),
+                identity: s.identities.get(&(ns.clone(), name.clone())).copied(),
+                ingress_enforced: c.ingress_enforced,
+                egress_enforced: c.egress_enforced,
+                entries: c
+                    .entries
+                    .iter()
+                    .map(|(k, v)| meshd_api::PolicyEntryView {
+                        identity: k.identity,
+                        direction: if k.egress {
+                            "egress".into()
+                        } else {
+                            "ingress".into()
+                        },
+                        protocol: k.proto,
+                        port: k.dport,
+                        prefix_len: k.prefix_len(),
+                        verdict: if v.deny {
+                            "deny".into()
+                        } else {
+                            "allow".into()
+                        },
+                        auth_type: v.auth_type,
+                    })
+                    .collect(),
+            })
+            .collect();
+        meshd_api::PolicyStatus {
+            enforcement: "not enforced: this build has no eBPF datapath yet; the entries show what it will enforce".into(),
+            objects,
+            endpoints,
+        }
     }
 
     /// Local endpoints with the identities allocated for them.
@@ -356,9 +429,11 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             own_object: None,
             wg: None,
             identities: BTreeMap::new(),
+            policy: policy::Repository::default(),
         }),
         wake: Notify::new(),
         endpoints_changed: Notify::new(),
+        policy_changed: Notify::new(),
     });
 
     let listener = api::bind(&cfg.socket_path).await?;
@@ -371,6 +446,22 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         shared.clone(),
         wg.is_some(),
     ));
+    for kind in [
+        policy::PolicyKind::CiliumNetworkPolicy,
+        policy::PolicyKind::CiliumClusterwideNetworkPolicy,
+        policy::PolicyKind::NetworkPolicy,
+    ] {
+        tasks.spawn(policy::watch_policies(
+            api.clone().into_client(),
+            kind,
+            shared.clone(),
+        ));
+    }
+    tasks.spawn(policy::watch_identities(
+        api.clone().into_client(),
+        shared.clone(),
+    ));
+    tasks.spawn(policy::recompile_loop(shared.clone()));
     tasks.spawn(reconcile_datapath(
         routes,
         wg,

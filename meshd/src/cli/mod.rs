@@ -24,6 +24,17 @@ pub enum EndpointCommand {
 
 #[derive(Subcommand)]
 pub enum PolicyCommand {
+    /// The agent's policies (in force, refused, unsupported parts) and each local endpoint's
+    /// entries (the contract's policy-map key and value).
+    Get {
+        #[arg(long, default_value = meshd_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Only this endpoint (`namespace/name`).
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// Check policy files offline (no agent needed): parse, compile, report errors and the
     /// fields meshd does not enforce. Exits 1 if any object is invalid.
     Validate {
@@ -34,8 +45,78 @@ pub enum PolicyCommand {
     },
 }
 
-pub fn policy(cmd: PolicyCommand) -> Result<()> {
-    let PolicyCommand::Validate { files, output } = cmd;
+pub async fn policy_get(socket: &Path, endpoint: Option<&str>, output: Output) -> Result<()> {
+    let mut st = meshd_api::Client::new(socket).policy().await?;
+    if let Some(ep) = endpoint {
+        st.endpoints.retain(|e| e.endpoint == ep);
+        if st.endpoints.is_empty() {
+            anyhow::bail!("no local endpoint {ep} (see `meshd endpoint list`)");
+        }
+    }
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&st)?);
+        return Ok(());
+    }
+    println!("Enforcement: {}", st.enforcement);
+    println!("Policies:");
+    for o in &st.objects {
+        let state = match (&o.error, o.in_force) {
+            (None, _) => "ok".to_string(),
+            (Some(e), true) => format!("REFUSED (the previous version stays in force): {e}"),
+            (Some(e), false) => format!("REFUSED: {e}"),
+        };
+        println!("  {}  {state}", o.object);
+        for u in &o.unsupported {
+            println!("      unsupported {u}");
+        }
+    }
+    for e in &st.endpoints {
+        let id = e.identity.map_or("pending".to_string(), |i| i.to_string());
+        let dir = |on: bool| if on { "default deny" } else { "allow all" };
+        println!(
+            "\nEndpoint {} (identity {id}): ingress {}, egress {}",
+            e.endpoint,
+            dir(e.ingress_enforced),
+            dir(e.egress_enforced)
+        );
+        if e.entries.is_empty() {
+            continue;
+        }
+        println!(
+            "  {:<10} {:<9} {:<6} {:<6} {:<7} {:<8} AUTH",
+            "IDENTITY", "DIRECTION", "PROTO", "PORT", "PREFIX", "VERDICT"
+        );
+        for x in &e.entries {
+            let proto = match x.protocol {
+                0 => "ANY".to_string(),
+                6 => "TCP".to_string(),
+                17 => "UDP".to_string(),
+                132 => "SCTP".to_string(),
+                p => p.to_string(),
+            };
+            let port = if x.protocol == 0 || x.prefix_len <= 48 {
+                "ANY".to_string()
+            } else {
+                x.port.to_string()
+            };
+            println!(
+                "  {:<10} {:<9} {:<6} {:<6} {:<7} {:<8} {:#04x}",
+                x.identity, x.direction, proto, port, x.prefix_len, x.verdict, x.auth_type
+            );
+        }
+    }
+    Ok(())
+}
+
+pub async fn policy(cmd: PolicyCommand) -> Result<()> {
+    let (files, output) = match cmd {
+        PolicyCommand::Get {
+            socket,
+            endpoint,
+            output,
+        } => return policy_get(&socket, endpoint.as_deref(), output).await,
+        PolicyCommand::Validate { files, output } => (files, output),
+    };
     let mut report = Vec::new();
     let mut failed = 0;
     for f in &files {
