@@ -464,6 +464,11 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
     );
     assert!(st.starts_with(&want), "{st:?}");
     assert!(st.contains(&format!("Backend: {backend}")), "{st}");
+    assert_eq!(
+        st.matches("state:          up").count(),
+        2,
+        "both peers have shaken hands after the pings:\n{st}"
+    );
     let line = String::from_utf8_lossy(&lab.exec("node-1", &[MESHD, "status"]).stdout).into_owned();
     assert!(line.contains(&format!("Encryption:\tWireguard\t[NodeEncryption: Disabled, cilium_wg0 (Pubkey: {}, Port: 51871, Peers: 2)]", keys[0].1)), "{line}");
 

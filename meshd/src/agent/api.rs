@@ -91,7 +91,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.status()),
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.fresh_status().await),
         (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.endpoints()),
         (&Method::GET, ["v1", "policy"]) => json(StatusCode::OK, &shared.policy_status()),
         (&Method::PUT, ["v1", "endpoints", ns, name]) => {

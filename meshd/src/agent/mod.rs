@@ -124,9 +124,22 @@ pub struct Shared {
     endpoints_changed: Notify,
     /// Policies, identities or endpoints changed: recompile.
     policy_changed: Notify,
+    /// Read on each status request, so handshake ages and counters are current.
+    wireguard: Option<Arc<wireguard::WireGuard>>,
 }
 
 impl Shared {
+    /// Status with the WireGuard device read just now.
+    pub async fn fresh_status(&self) -> Status {
+        if let Some(w) = &self.wireguard
+            && let Ok(device) = w.device_info().await
+            && let Some(view) = self.lock().wg.as_mut()
+        {
+            view.device = device;
+        }
+        self.status()
+    }
+
     pub fn lock(&self) -> MutexGuard<'_, AgentState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -434,6 +447,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         wake: Notify::new(),
         endpoints_changed: Notify::new(),
         policy_changed: Notify::new(),
+        wireguard: wg.clone(),
     });
 
     let listener = api::bind(&cfg.socket_path).await?;

@@ -17,7 +17,10 @@ use tracing::{info, warn};
 use super::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[expect(clippy::enum_variant_names, reason = "these are the Kubernetes kinds' own names")]
+#[expect(
+    clippy::enum_variant_names,
+    reason = "these are the Kubernetes kinds' own names"
+)]
 pub enum PolicyKind {
     CiliumNetworkPolicy,
     CiliumClusterwideNetworkPolicy,

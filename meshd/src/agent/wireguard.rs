@@ -188,6 +188,11 @@ impl WireGuard {
         })
     }
 
+    /// The device's current state (peers, handshakes, counters).
+    pub async fn device_info(&self) -> Result<DeviceInfo> {
+        Ok(self.device.get().await?)
+    }
+
     /// Every other node's claim on a peer.
     pub fn claims(&self, table: &NodeTable, own: &str) -> Vec<NodeClaim> {
         table
