@@ -1,0 +1,165 @@
+//! The byte layouts of meshd's eBPF maps and events (CILIUM-CONTRACT.md), shared by the
+//! programs and user space. Every struct is `#[repr(C)]` with explicit padding.
+
+#![no_std]
+#![cfg_attr(
+    feature = "user",
+    allow(unsafe_code, reason = "aya::Pod is an unsafe marker trait")
+)]
+
+/// Policy map LPM data; the map key is `{u32 prefixlen; PolicyKey}` (12 bytes).
+/// `prefixlen = 40 + (proto ? 8 : 0) + port bits`; identity 0 = any peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyKey {
+    pub identity: u32,
+    pub egress: u8,
+    pub proto: u8,
+    /// Network byte order.
+    pub dport: u16,
+}
+
+pub const POLICY_FLAG_DENY: u8 = 1;
+
+/// `{be16 proxy_port; u8 flags (bit0 deny); u8 auth_type; u8 proxy_port_priority; u8; u16}`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PolicyValue {
+    pub proxy_port: u16,
+    pub flags: u8,
+    /// Auth type | 0x80 when set explicitly.
+    pub auth_type: u8,
+    pub proxy_port_priority: u8,
+    pub pad0: u8,
+    pub pad1: u16,
+}
+
+/// Auth map key (12 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct AuthKey {
+    pub local_identity: u32,
+    pub remote_identity: u32,
+    pub remote_node_id: u16,
+    pub auth_type: u8,
+    pub pad: u8,
+}
+
+/// Expiration in seconds of CLOCK_MONOTONIC (what `bpf_ktime_get_ns` counts).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AuthValue {
+    pub expiration: u64,
+}
+
+/// ipcache: IPv4 prefix (LPM data = the 4 address bytes) → identity and node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub node_id: u16,
+    pub pad: u16,
+}
+
+/// Connection tracking key, as the packet travels (saddr/sport are the sender's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub struct CtKey {
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct CtValue {
+    pub created_ns: u64,
+}
+
+/// Per program instance (endpoint) settings: ARRAY map with one entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EndpointConfig {
+    pub local_identity: u32,
+    pub ingress_enforced: u8,
+    pub egress_enforced: u8,
+    pub pad: u16,
+}
+
+pub const EVENT_DROP: u8 = 1;
+pub const EVENT_AUTH_REQUIRED: u8 = 2;
+/// Cilium's signal number for AUTH_REQUIRED.
+pub const SIGNAL_AUTH_REQUIRED: u32 = 2;
+pub const REASON_POLICY_DENIED: u8 = 133;
+pub const REASON_AUTH_REQUIRED: u8 = 189;
+
+/// Ring-buffer event: a drop (reason, identities, addresses, port) or an AUTH_REQUIRED
+/// signal (`signal_nr = 2` with the auth key).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Event {
+    pub kind: u8,
+    pub reason: u8,
+    pub proto: u8,
+    pub egress: u8,
+    pub signal_nr: u32,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+    /// Host byte order.
+    pub dport: u16,
+    pub pad: u16,
+    pub auth: AuthKey,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyValue {}
+    unsafe impl aya::Pod for super::AuthKey {}
+    unsafe impl aya::Pod for super::AuthValue {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::CtKey {}
+    unsafe impl aya::Pod for super::CtValue {}
+    unsafe impl aya::Pod for super::EndpointConfig {}
+    unsafe impl aya::Pod for super::Event {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+
+    #[test]
+    fn layouts_match_the_contract() {
+        // policy key = 4 (prefixlen) + 8; value 8; auth key 12, value 8.
+        assert_eq!(4 + size_of::<PolicyKey>(), 12);
+        assert_eq!(size_of::<PolicyValue>(), 8);
+        assert_eq!(
+            (
+                offset_of!(PolicyValue, flags),
+                offset_of!(PolicyValue, auth_type)
+            ),
+            (2, 3)
+        );
+        assert_eq!(size_of::<AuthKey>(), 12);
+        assert_eq!(
+            (
+                offset_of!(AuthKey, remote_identity),
+                offset_of!(AuthKey, remote_node_id),
+                offset_of!(AuthKey, auth_type)
+            ),
+            (4, 8, 10)
+        );
+        assert_eq!(size_of::<AuthValue>(), 8);
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<EndpointConfig>(), 8);
+        assert_eq!(size_of::<Event>(), 40);
+    }
+}

@@ -1,0 +1,226 @@
+//! meshd's eBPF datapath from user space: one program instance per endpoint (its own policy
+//! map and settings) attached to the endpoint's host-side veth in both directions, sharing the
+//! pinned ipcache, auth, conntrack and event maps (pinned under the given bpffs directory so
+//! they outlive the agent).
+
+use std::path::Path;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf};
+use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::{Ebpf, EbpfLoader};
+pub use ebpf_common::{
+    AuthKey, AuthValue, EVENT_AUTH_REQUIRED, EVENT_DROP, EndpointConfig, Event, IpcacheValue,
+    POLICY_FLAG_DENY, PolicyKey, PolicyValue, REASON_AUTH_REQUIRED, REASON_POLICY_DENIED,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-tc"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(
+        "loading the eBPF programs failed: {0}; is bpffs mounted at the pin directory and are we root?"
+    )]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching to {interface}: {source}")]
+    Attach {
+        interface: String,
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+}
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
+    move |source| DatapathError::Map { name, source }
+}
+
+/// One endpoint's programs and maps; dropping it detaches them.
+pub struct EndpointDatapath {
+    ebpf: Ebpf,
+    pub interface: String,
+}
+
+impl EndpointDatapath {
+    /// Loads an instance for the endpoint behind `interface` (its host-side veth) and attaches
+    /// `from_endpoint` (TC ingress) and `to_endpoint` (TC egress).
+    pub fn attach(
+        interface: &str,
+        pin_dir: &Path,
+        config: EndpointConfig,
+    ) -> Result<Self, DatapathError> {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)?;
+        // An existing clsact qdisc is fine.
+        let _ = tc::qdisc_add_clsact(interface);
+        for (name, dir) in [
+            ("from_endpoint", TcAttachType::Ingress),
+            ("to_endpoint", TcAttachType::Egress),
+        ] {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(DatapathError::MissingMap(name))?
+                .try_into()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.load()
+                .map_err(|source| DatapathError::Program { name, source })?;
+            prog.attach(interface, dir)
+                .map_err(|source| DatapathError::Attach {
+                    interface: interface.into(),
+                    source,
+                })?;
+        }
+        let mut dp = Self {
+            ebpf,
+            interface: interface.to_string(),
+        };
+        dp.set_config(config)?;
+        Ok(dp)
+    }
+
+    pub fn set_config(&mut self, config: EndpointConfig) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut("CONFIG")
+            .ok_or(DatapathError::MissingMap("CONFIG"))?;
+        let mut a: Array<&mut MapData, EndpointConfig> =
+            Array::try_from(map).map_err(map_err("CONFIG"))?;
+        a.set(0, config, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// Replaces the endpoint's policy entries with `entries` (prefix length, key, value):
+    /// entries already right stay, others are added or removed.
+    pub fn set_policy(
+        &mut self,
+        entries: &[(u32, PolicyKey, PolicyValue)],
+    ) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut("POLICY")
+            .ok_or(DatapathError::MissingMap("POLICY"))?;
+        let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(map).map_err(map_err("POLICY"))?;
+        let want: Vec<(u32, PolicyKey)> = entries.iter().map(|(p, k, _)| (*p, *k)).collect();
+        let stale: Vec<Key<PolicyKey>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            trie.remove(&k).map_err(map_err("POLICY"))?;
+        }
+        for (prefix, k, v) in entries {
+            let key = Key::new(*prefix, *k);
+            if trie.get(&key, 0).ok() != Some(*v) {
+                trie.insert(&key, *v, 0).map_err(map_err("POLICY"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The endpoint's policy entries as the kernel has them.
+    pub fn policy(&self) -> Result<Vec<(u32, PolicyKey, PolicyValue)>, DatapathError> {
+        let map = self
+            .ebpf
+            .map("POLICY")
+            .ok_or(DatapathError::MissingMap("POLICY"))?;
+        let trie: LpmTrie<&MapData, PolicyKey, PolicyValue> =
+            LpmTrie::try_from(map).map_err(map_err("POLICY"))?;
+        trie.iter()
+            .map(|r| {
+                r.map(|(k, v)| (k.prefix_len(), k.data(), v))
+                    .map_err(map_err("POLICY"))
+            })
+            .collect()
+    }
+
+    pub fn ipcache_upsert(
+        &mut self,
+        addr: [u8; 4],
+        prefix: u32,
+        value: IpcacheValue,
+    ) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut("MESHD_IPCACHE")
+            .ok_or(DatapathError::MissingMap("MESHD_IPCACHE"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+            LpmTrie::try_from(map).map_err(map_err("MESHD_IPCACHE"))?;
+        trie.insert(&Key::new(prefix, addr), value, 0)
+            .map_err(map_err("MESHD_IPCACHE"))
+    }
+
+    pub fn auth_upsert(&mut self, key: AuthKey, value: AuthValue) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut("MESHD_AUTH")
+            .ok_or(DatapathError::MissingMap("MESHD_AUTH"))?;
+        let mut h: HashMap<&mut MapData, AuthKey, AuthValue> =
+            HashMap::try_from(map).map_err(map_err("MESHD_AUTH"))?;
+        h.insert(key, value, 0).map_err(map_err("MESHD_AUTH"))
+    }
+
+    /// Takes the event ring buffer (once per process).
+    pub fn events(&mut self) -> Result<Events, DatapathError> {
+        let map = self
+            .ebpf
+            .take_map("MESHD_EVENTS")
+            .ok_or(DatapathError::MissingMap("MESHD_EVENTS"))?;
+        Ok(Events(
+            RingBuf::try_from(map).map_err(map_err("MESHD_EVENTS"))?,
+        ))
+    }
+}
+
+/// Drop and AUTH_REQUIRED events from the datapath.
+pub struct Events(RingBuf<MapData>);
+
+impl Events {
+    /// The next pending event, if any (non-blocking).
+    pub fn next_event(&mut self) -> Option<Event> {
+        let item = self.0.next()?;
+        if item.len() < std::mem::size_of::<Event>() {
+            return None;
+        }
+        let mut e = Event::default();
+        // Event is plain old data: read it field by field rather than cast the bytes.
+        let b = &item[..];
+        e.kind = b[0];
+        e.reason = b[1];
+        e.proto = b[2];
+        e.egress = b[3];
+        let u32_at = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        e.signal_nr = u32_at(4);
+        e.src_identity = u32_at(8);
+        e.dst_identity = u32_at(12);
+        e.saddr.copy_from_slice(&b[16..20]);
+        e.daddr.copy_from_slice(&b[20..24]);
+        e.dport = u16_at(24);
+        e.auth = AuthKey {
+            local_identity: u32_at(28),
+            remote_identity: u32_at(32),
+            remote_node_id: u16_at(36),
+            auth_type: b[38],
+            pad: 0,
+        };
+        Some(e)
+    }
+}
+
+/// Seconds of CLOCK_MONOTONIC, the clock the datapath compares auth expirations against
+/// (`bpf_ktime_get_ns`).
+pub fn monotonic_seconds() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64)
+}

@@ -1,0 +1,245 @@
+//! meshd's TC programs on each endpoint's host-side veth: `from_endpoint` (TC ingress of the
+//! veth = traffic the pod sends = its egress policy) and `to_endpoint` (TC egress of the veth =
+//! traffic to the pod = its ingress policy). Verdicts: allow (and remember the flow), deny
+//! (reason 133), or auth required without a live auth entry (AUTH_REQUIRED signal, reason 189).
+
+#![cfg_attr(target_arch = "bpf", no_std, no_main)]
+#![cfg_attr(
+    target_arch = "bpf",
+    allow(unsafe_code, reason = "eBPF helpers and packet access are unsafe")
+)]
+
+#[cfg(target_arch = "bpf")]
+mod prog {
+    use aya_ebpf::bindings::{BPF_F_NO_PREALLOC, TC_ACT_OK, TC_ACT_SHOT};
+    use aya_ebpf::helpers::bpf_ktime_get_ns;
+    use aya_ebpf::macros::{classifier, map};
+    use aya_ebpf::maps::lpm_trie::Key;
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf};
+    use aya_ebpf::programs::TcContext;
+    use ebpf_common::*;
+
+    const WORLD: u32 = 2;
+
+    #[map(name = "MESHD_IPCACHE")]
+    static IPCACHE: LpmTrie<[u8; 4], IpcacheValue> = LpmTrie::pinned(65536, BPF_F_NO_PREALLOC);
+    #[map(name = "MESHD_AUTH")]
+    static AUTH: HashMap<AuthKey, AuthValue> = HashMap::pinned(524288, BPF_F_NO_PREALLOC);
+    #[map(name = "MESHD_CT")]
+    static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(65536, 0);
+    #[map(name = "MESHD_EVENTS")]
+    static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
+    /// Per endpoint (per loaded instance): its policy and settings.
+    #[map(name = "POLICY")]
+    static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+        LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
+    #[map(name = "CONFIG")]
+    static CONFIG: Array<EndpointConfig> = Array::with_max_entries(1, 0);
+
+    #[classifier]
+    pub fn from_endpoint(ctx: TcContext) -> i32 {
+        verdict(&ctx, true)
+    }
+
+    #[classifier]
+    pub fn to_endpoint(ctx: TcContext) -> i32 {
+        verdict(&ctx, false)
+    }
+
+    struct Packet {
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+    }
+
+    fn parse(ctx: &TcContext) -> Option<Packet> {
+        let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
+        if ethertype != 0x0800 {
+            return None;
+        }
+        let vihl: u8 = ctx.load(14).ok()?;
+        let ihl = usize::from(vihl & 0x0f) * 4;
+        let proto: u8 = ctx.load(14 + 9).ok()?;
+        let saddr: [u8; 4] = ctx.load(14 + 12).ok()?;
+        let daddr: [u8; 4] = ctx.load(14 + 16).ok()?;
+        let (sport, dport) = if proto == 6 || proto == 17 || proto == 132 {
+            let s: u16 = ctx.load(14 + ihl).ok()?;
+            let d: u16 = ctx.load(14 + ihl + 2).ok()?;
+            (u16::from_be(s), u16::from_be(d))
+        } else {
+            (0, 0)
+        };
+        Some(Packet {
+            saddr,
+            daddr,
+            proto,
+            sport,
+            dport,
+        })
+    }
+
+    fn lookup(identity: u32, egress: bool, p: &Packet) -> Option<PolicyValue> {
+        let key = Key::new(
+            64,
+            PolicyKey {
+                identity,
+                egress: egress as u8,
+                proto: p.proto,
+                dport: p.dport.to_be(),
+            },
+        );
+        POLICY.get(&key).copied()
+    }
+
+    fn emit(
+        kind: u8,
+        reason: u8,
+        egress: bool,
+        p: &Packet,
+        local: u32,
+        remote: u32,
+        auth: AuthKey,
+    ) {
+        if let Some(mut e) = EVENTS.reserve::<Event>(0) {
+            let (src, dst) = if egress {
+                (local, remote)
+            } else {
+                (remote, local)
+            };
+            e.write(Event {
+                kind,
+                reason,
+                proto: p.proto,
+                egress: egress as u8,
+                signal_nr: if kind == EVENT_AUTH_REQUIRED {
+                    SIGNAL_AUTH_REQUIRED
+                } else {
+                    0
+                },
+                src_identity: src,
+                dst_identity: dst,
+                saddr: p.saddr,
+                daddr: p.daddr,
+                dport: p.dport,
+                pad: 0,
+                auth,
+            });
+            e.submit(0);
+        }
+    }
+
+    fn verdict(ctx: &TcContext, egress: bool) -> i32 {
+        let Some(p) = parse(ctx) else {
+            return TC_ACT_OK as i32;
+        };
+        // Replies and later packets of a flow that was allowed pass without re-evaluation.
+        let fwd = CtKey {
+            saddr: p.saddr,
+            daddr: p.daddr,
+            sport: p.sport,
+            dport: p.dport,
+            proto: p.proto,
+            pad: [0; 3],
+        };
+        let rev = CtKey {
+            saddr: p.daddr,
+            daddr: p.saddr,
+            sport: p.dport,
+            dport: p.sport,
+            proto: p.proto,
+            pad: [0; 3],
+        };
+        if unsafe { CT.get(&fwd) }.is_some() || unsafe { CT.get(&rev) }.is_some() {
+            return TC_ACT_OK as i32;
+        }
+        let Some(cfg) = CONFIG.get(0).copied() else {
+            return TC_ACT_OK as i32;
+        };
+        let enforced = if egress {
+            cfg.egress_enforced
+        } else {
+            cfg.ingress_enforced
+        } != 0;
+        let remote_ip = if egress { p.daddr } else { p.saddr };
+        let (remote, node_id) = match IPCACHE.get(Key::new(32, remote_ip)) {
+            Some(v) => (v.identity, v.node_id),
+            None => (WORLD, 0),
+        };
+        let allow = |p: &Packet| {
+            let now = unsafe { bpf_ktime_get_ns() };
+            let _ = CT.insert(&fwd, &CtValue { created_ns: now }, 0);
+            let _ = p;
+            TC_ACT_OK as i32
+        };
+        if !enforced {
+            return allow(&p);
+        }
+        let specific = lookup(remote, egress, &p);
+        let wildcard = lookup(0, egress, &p);
+        let entry = match (specific, wildcard) {
+            (_, Some(w)) if w.flags & POLICY_FLAG_DENY != 0 => Some(w),
+            (Some(s), _) => Some(s),
+            (None, w) => w,
+        };
+        let no_auth = AuthKey::default();
+        let Some(v) = entry else {
+            emit(
+                EVENT_DROP,
+                REASON_POLICY_DENIED,
+                egress,
+                &p,
+                cfg.local_identity,
+                remote,
+                no_auth,
+            );
+            return TC_ACT_SHOT as i32;
+        };
+        if v.flags & POLICY_FLAG_DENY != 0 {
+            emit(
+                EVENT_DROP,
+                REASON_POLICY_DENIED,
+                egress,
+                &p,
+                cfg.local_identity,
+                remote,
+                no_auth,
+            );
+            return TC_ACT_SHOT as i32;
+        }
+        let auth_type = v.auth_type & 0x7f;
+        if auth_type != 0 {
+            let key = AuthKey {
+                local_identity: cfg.local_identity,
+                remote_identity: remote,
+                remote_node_id: node_id,
+                auth_type,
+                pad: 0,
+            };
+            let now_s = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+            let live = unsafe { AUTH.get(&key) }.is_some_and(|a| now_s < a.expiration);
+            if !live {
+                emit(
+                    EVENT_AUTH_REQUIRED,
+                    REASON_AUTH_REQUIRED,
+                    egress,
+                    &p,
+                    cfg.local_identity,
+                    remote,
+                    key,
+                );
+                return TC_ACT_SHOT as i32;
+            }
+        }
+        allow(&p)
+    }
+
+    #[panic_handler]
+    fn panic(_: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
