@@ -277,6 +277,8 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
             info!(node = i, "adding node");
             add_node(&mut lab, i, opts.pods_per_node, Some(&opts.agent_args)).await?;
         }
+        info!("waiting for every node to route to every other");
+        wait_converged(&lab, Duration::from_secs(60)).await?;
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -544,6 +546,51 @@ pub fn start_agent(lab: &mut LabState, node: &str) -> Result<()> {
     lab.save()?;
     info!(node, pid, "agent started");
     Ok(())
+}
+
+/// Waits until every agent routes to (and, with WireGuard, has a peer for) every other node
+/// that runs an agent: the lab is ready when this returns.
+pub async fn wait_converged(lab: &LabState, timeout: Duration) -> Result<()> {
+    let agents: Vec<&NodeState> = lab.nodes.iter().filter(|n| n.runs_agent).collect();
+    let others = agents.len().saturating_sub(1);
+    let deadline = Instant::now() + timeout;
+    let mut waiting = String::new();
+    while Instant::now() < deadline {
+        waiting.clear();
+        for n in &agents {
+            let ready = match meshd_api::Client::new(lab.agent_socket(&n.name))
+                .status()
+                .await
+            {
+                Ok(s) => {
+                    let routed = s
+                        .nodes
+                        .iter()
+                        .filter(|x| x.routes.state == meshd_api::Health::Ok)
+                        .count();
+                    let peers = s.wireguard.as_ref().map_or(others, |w| {
+                        w.peers
+                            .iter()
+                            .filter(|p| !p.state.starts_with("refused"))
+                            .count()
+                    });
+                    routed >= others && peers >= others
+                }
+                Err(_) => false,
+            };
+            if !ready {
+                waiting.push_str(&n.name);
+                waiting.push(' ');
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "the lab did not converge within {timeout:?}; still waiting for: {waiting}(see their agent logs)"
+    )
 }
 
 /// Waits until the agent answers on its socket and has published its CiliumNode.

@@ -107,6 +107,14 @@ pub struct AgentConfig {
     )]
     pub mesh_auth_mutual_listener_port: u16,
 
+    /// Policy enforcement (Cilium's option): `default`/`always` enforce with eBPF, `never` does not.
+    #[arg(long, env = "MESHD_ENABLE_POLICY", default_value = "default", value_parser = ["default", "always", "never"])]
+    pub enable_policy: String,
+
+    /// Where bpffs is mounted; meshd pins its maps under `<bpf-root>/meshd`.
+    #[arg(long, env = "MESHD_BPF_ROOT", default_value = "/sys/fs/bpf")]
+    pub bpf_root: PathBuf,
+
     /// How often routes are re-checked against the kernel even without changes.
     #[arg(long, env = "MESHD_ROUTE_SYNC_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub route_sync_interval: Duration,

@@ -58,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::PolicyCommand,
     },
+    /// The eBPF maps on this node (as `cilium-dbg bpf`).
+    Bpf {
+        #[command(subcommand)]
+        command: cli::BpfCommand,
+    },
     /// Local endpoints.
     Endpoint {
         #[command(subcommand)]
@@ -109,6 +114,7 @@ fn main() -> std::process::ExitCode {
                 Command::Agent(_) => Err(anyhow::anyhow!("`agent` must be the first argument")),
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
+                Command::Bpf { command } => cli::bpf(command),
                 Command::Encrypt { command } => cli::encrypt(command).await,
                 Command::Policy { command } => cli::policy(command).await,
                 Command::WireguardUserspace {

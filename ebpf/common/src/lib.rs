@@ -73,6 +73,7 @@ pub struct CtKey {
     pub pad: [u8; 3],
 }
 
+/// Last time (CLOCK_MONOTONIC ns) a packet of the flow was seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {

@@ -37,6 +37,11 @@ pub enum DatapathError {
         name: &'static str,
         source: aya::maps::MapError,
     },
+    #[error("creating the pin directory {path}: {source}; is bpffs mounted there?")]
+    PinDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
 }
@@ -59,6 +64,10 @@ impl EndpointDatapath {
         pin_dir: &Path,
         config: EndpointConfig,
     ) -> Result<Self, DatapathError> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+            path: pin_dir.display().to_string(),
+            source,
+        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(OBJECT)?;
@@ -223,4 +232,38 @@ impl Events {
 /// (`bpf_ktime_get_ns`).
 pub fn monotonic_seconds() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64)
+}
+
+impl EndpointDatapath {
+    pub fn ipcache_remove(&mut self, addr: [u8; 4], prefix: u32) -> Result<(), DatapathError> {
+        let map = self
+            .ebpf
+            .map_mut("MESHD_IPCACHE")
+            .ok_or(DatapathError::MissingMap("MESHD_IPCACHE"))?;
+        let mut trie: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
+            LpmTrie::try_from(map).map_err(map_err("MESHD_IPCACHE"))?;
+        match trie.remove(&Key::new(prefix, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("MESHD_IPCACHE")(e)),
+        }
+    }
+}
+
+/// The pinned auth map, opened without loading any program (as `cilium-dbg bpf auth` does).
+pub struct AuthMap(HashMap<MapData, AuthKey, AuthValue>);
+
+impl AuthMap {
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let data = MapData::from_pin(pin_dir.join("MESHD_AUTH")).map_err(map_err("MESHD_AUTH"))?;
+        let map = aya::maps::Map::HashMap(data);
+        Ok(Self(HashMap::try_from(map).map_err(map_err("MESHD_AUTH"))?))
+    }
+
+    pub fn insert(&mut self, key: AuthKey, value: AuthValue) -> Result<(), DatapathError> {
+        self.0.insert(key, value, 0).map_err(map_err("MESHD_AUTH"))
+    }
+
+    pub fn list(&self) -> Vec<(AuthKey, AuthValue)> {
+        self.0.iter().filter_map(Result::ok).collect()
+    }
 }

@@ -20,6 +20,8 @@ mod prog {
     use ebpf_common::*;
 
     const WORLD: u32 = 2;
+    /// Idle time after which a remembered flow is evaluated against policy again.
+    const CT_LIFETIME_NS: u64 = 60 * 1_000_000_000;
 
     #[map(name = "MESHD_IPCACHE")]
     static IPCACHE: LpmTrie<[u8; 4], IpcacheValue> = LpmTrie::pinned(65536, BPF_F_NO_PREALLOC);
@@ -151,8 +153,15 @@ mod prog {
             proto: p.proto,
             pad: [0; 3],
         };
-        if unsafe { CT.get(&fwd) }.is_some() || unsafe { CT.get(&rev) }.is_some() {
-            return TC_ACT_OK as i32;
+        let now = unsafe { bpf_ktime_get_ns() };
+        for k in [&fwd, &rev] {
+            if let Some(entry) = CT.get_ptr_mut(k) {
+                // A flow idle for longer than CT_LIFETIME_NS is evaluated afresh.
+                if now.saturating_sub(unsafe { (*entry).created_ns }) < CT_LIFETIME_NS {
+                    unsafe { (*entry).created_ns = now };
+                    return TC_ACT_OK as i32;
+                }
+            }
         }
         let Some(cfg) = CONFIG.get(0).copied() else {
             return TC_ACT_OK as i32;
@@ -167,10 +176,8 @@ mod prog {
             Some(v) => (v.identity, v.node_id),
             None => (WORLD, 0),
         };
-        let allow = |p: &Packet| {
-            let now = unsafe { bpf_ktime_get_ns() };
+        let allow = |_: &Packet| {
             let _ = CT.insert(&fwd, &CtValue { created_ns: now }, 0);
-            let _ = p;
             TC_ACT_OK as i32
         };
         if !enforced {

@@ -45,7 +45,16 @@ fn err(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
 pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     let shown = path.display().to_string();
     if path.exists() {
-        if tokio::net::UnixStream::connect(path).await.is_ok() {
+        // A live agent keeps accepting; one that is exiting (or gone) stops within moments.
+        let mut alive = true;
+        for _ in 0..10 {
+            if tokio::net::UnixStream::connect(path).await.is_err() {
+                alive = false;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        if alive {
             return Err(ApiError::InUse(shown));
         }
         let _ = std::fs::remove_file(path);

@@ -4,6 +4,7 @@
 
 mod api;
 pub mod endpoints;
+pub mod enforce;
 pub mod identity;
 pub mod nodes;
 pub mod policy;
@@ -45,6 +46,10 @@ pub struct AgentState {
     /// Local endpoint (namespace, name) → its security identity.
     pub identities: BTreeMap<(String, String), u32>,
     pub policy: policy::Repository,
+    /// Every endpoint in the cluster by IPv4 address (from CiliumEndpoints).
+    pub remote_endpoints: BTreeMap<Ipv4Addr, enforce::RemoteEndpoint>,
+    /// Whether the eBPF datapath enforces the compiled entries.
+    pub datapath: ComponentStatus,
 }
 
 /// What the WireGuard reconciler last saw and did.
@@ -124,6 +129,8 @@ pub struct Shared {
     endpoints_changed: Notify,
     /// Policies, identities or endpoints changed: recompile.
     policy_changed: Notify,
+    /// A recompilation finished: the datapath reconciles after it, never before.
+    compiled: Notify,
     /// Read on each status request, so handshake ages and counters are current.
     wireguard: Option<Arc<wireguard::WireGuard>>,
 }
@@ -218,7 +225,10 @@ impl Shared {
             })
             .collect();
         meshd_api::PolicyStatus {
-            enforcement: "not enforced: this build has no eBPF datapath yet; the entries show what it will enforce".into(),
+            enforcement: match s.datapath.state {
+                Health::Ok => format!("enforced by the eBPF datapath ({})", s.datapath.message),
+                _ => format!("NOT enforced: {}", s.datapath.message),
+            },
             objects,
             endpoints,
         }
@@ -443,10 +453,16 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
             wg: None,
             identities: BTreeMap::new(),
             policy: policy::Repository::default(),
+            remote_endpoints: BTreeMap::new(),
+            datapath: ComponentStatus {
+                state: Health::Disabled,
+                message: "starting".into(),
+            },
         }),
         wake: Notify::new(),
         endpoints_changed: Notify::new(),
         policy_changed: Notify::new(),
+        compiled: Notify::new(),
         wireguard: wg.clone(),
     });
 
@@ -476,6 +492,21 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         shared.clone(),
     ));
     tasks.spawn(policy::recompile_loop(shared.clone()));
+    if cfg.enable_policy == "never" {
+        shared.lock().datapath = ComponentStatus {
+            state: Health::Disabled,
+            message: "enable-policy=never".into(),
+        };
+    } else {
+        tasks.spawn(enforce::watch_endpoints(
+            api.clone().into_client(),
+            shared.clone(),
+        ));
+        tasks.spawn(enforce::enforce_loop(
+            enforce::Enforcer::new(cfg.bpf_root.join("meshd")),
+            shared.clone(),
+        ));
+    }
     tasks.spawn(reconcile_datapath(
         routes,
         wg,
@@ -757,7 +788,16 @@ async fn reconcile_endpoints(client: kube::Client, shared: Arc<Shared>, encrypte
                 warn!(error = %e, "removing stale CiliumEndpoints failed; retrying");
                 ok = false;
             }
-            shared.lock().identities = assigned;
+            let changed = {
+                let mut s = shared.lock();
+                let changed = s.identities != assigned;
+                s.identities = assigned;
+                changed
+            };
+            if changed {
+                // New identities: the datapath can attach and policies may select them.
+                shared.policy_changed();
+            }
         }
         let retry = if ok {
             Duration::from_secs(30)

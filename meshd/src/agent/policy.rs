@@ -257,6 +257,7 @@ pub async fn recompile_loop(shared: Arc<Shared>) {
                 .collect();
             s.policy.recompile(&eps);
         }
+        shared.compiled.notify_waiters();
         tokio::select! {
             _ = wake => {}
             _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}

@@ -256,6 +256,9 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
                     (!no_agent).then_some(args.as_slice()),
                 )
                 .await?;
+                if !no_agent {
+                    topology::wait_converged(&lab, std::time::Duration::from_secs(60)).await?;
+                }
                 println!("node-{index} added");
                 Ok(())
             }

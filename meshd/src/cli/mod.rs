@@ -198,6 +198,110 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
 }
 
 #[derive(Subcommand)]
+pub enum BpfCommand {
+    /// The auth map.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AuthCommand {
+    /// `SRC IDENTITY  DST IDENTITY  REMOTE NODE ID  AUTH TYPE  EXPIRATION`.
+    List {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpf_root: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Test/debug: write an auth entry (what a completed mutual-auth handshake writes).
+    Add {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpf_root: PathBuf,
+        #[arg(long)]
+        local: u32,
+        #[arg(long)]
+        remote: u32,
+        #[arg(long, default_value_t = 0)]
+        remote_node_id: u16,
+        #[arg(long, default_value_t = 1)]
+        auth_type: u8,
+        /// Seconds from now; 0 writes an already expired entry.
+        #[arg(long, default_value_t = 3600)]
+        expires_in: u64,
+    },
+}
+
+pub fn bpf(cmd: BpfCommand) -> Result<()> {
+    let BpfCommand::Auth { command } = cmd;
+    match command {
+        AuthCommand::List { bpf_root, output } => {
+            let map = datapath::AuthMap::open(&bpf_root.join("meshd"))?;
+            let now = datapath::monotonic_seconds();
+            let rows: Vec<serde_json::Value> = map
+                .list()
+                .into_iter()
+                .map(|(k, v)| serde_json::json!({
+                    "src-identity": k.local_identity, "dst-identity": k.remote_identity, "remote-node-id": k.remote_node_id,
+                    "auth-type": k.auth_type, "expiration": v.expiration, "expires-in-seconds": v.expiration as i64 - now as i64,
+                }))
+                .collect();
+            if output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("SRC IDENTITY   DST IDENTITY   REMOTE NODE ID   AUTH TYPE   EXPIRATION");
+                for r in rows {
+                    let left = r["expires-in-seconds"].as_i64().unwrap_or(0);
+                    let exp = if left > 0 {
+                        format!("in {left}s")
+                    } else {
+                        format!("expired {}s ago", -left)
+                    };
+                    let t = if r["auth-type"] == 1 {
+                        "spire".to_string()
+                    } else {
+                        r["auth-type"].to_string()
+                    };
+                    println!(
+                        "{:<14} {:<14} {:<16} {:<11} {exp}",
+                        r["src-identity"], r["dst-identity"], r["remote-node-id"], t
+                    );
+                }
+            }
+            Ok(())
+        }
+        AuthCommand::Add {
+            bpf_root,
+            local,
+            remote,
+            remote_node_id,
+            auth_type,
+            expires_in,
+        } => {
+            let mut map = datapath::AuthMap::open(&bpf_root.join("meshd"))?;
+            let key = datapath::AuthKey {
+                local_identity: local,
+                remote_identity: remote,
+                remote_node_id,
+                auth_type,
+                pad: 0,
+            };
+            let expiration = if expires_in == 0 {
+                datapath::monotonic_seconds().saturating_sub(1)
+            } else {
+                datapath::monotonic_seconds() + expires_in
+            };
+            map.insert(key, datapath::AuthValue { expiration })?;
+            println!(
+                "auth entry {local} -> {remote} (node {remote_node_id}, type {auth_type}) written"
+            );
+            Ok(())
+        }
+    }
+}
+
+#[derive(Subcommand)]
 pub enum EncryptCommand {
     /// Cilium's `encrypt status` lines, then meshd's per-peer details.
     Status {

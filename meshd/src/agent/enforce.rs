@@ -1,0 +1,321 @@
+//! Puts the compiled policy into the kernel: one eBPF program instance per local endpoint
+//! (attached to its host-side veth), its policy entries and settings, and the shared ipcache
+//! (every CiliumEndpoint's address → identity, node addresses → host / remote-node, CIDR
+//! prefixes → their local identities). Level-triggered; drop and AUTH_REQUIRED events are logged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datapath::{EndpointConfig, EndpointDatapath, IpcacheValue, PolicyKey, PolicyValue};
+use futures::StreamExt as _;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use tracing::{info, warn};
+
+use super::Shared;
+
+/// A remote endpoint as its CiliumEndpoint says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteEndpoint {
+    pub identity: u32,
+    pub node_ip: Option<Ipv4Addr>,
+}
+
+fn cep_entries(o: &DynamicObject) -> Vec<(Ipv4Addr, RemoteEndpoint)> {
+    let status = &o.data["status"];
+    let Some(identity) = status["identity"]["id"]
+        .as_u64()
+        .and_then(|i| u32::try_from(i).ok())
+    else {
+        return vec![];
+    };
+    let node_ip = status["networking"]["node"]
+        .as_str()
+        .and_then(|s| s.parse().ok());
+    status["networking"]["addressing"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["ipv4"].as_str()?.parse().ok())
+        .map(|ip| (ip, RemoteEndpoint { identity, node_ip }))
+        .collect()
+}
+
+/// Watches every CiliumEndpoint into the ipcache's source.
+pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
+    let api: Api<DynamicObject> = Api::all_with(client, &super::identity::endpoint_resource());
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    type ByObject = BTreeMap<(String, String), Vec<(Ipv4Addr, RemoteEndpoint)>>;
+    let mut objects: ByObject = BTreeMap::new();
+    let mut fresh: Option<ByObject> = None;
+    while let Some(ev) = stream.next().await {
+        let Ok(ev) = ev else { continue };
+        let key = |o: &DynamicObject| {
+            (
+                o.metadata.namespace.clone().unwrap_or_default(),
+                o.metadata.name.clone().unwrap_or_default(),
+            )
+        };
+        match ev {
+            watcher::Event::Init => fresh = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                fresh
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(&o), cep_entries(&o));
+            }
+            watcher::Event::InitDone => objects = fresh.take().unwrap_or_default(),
+            watcher::Event::Apply(o) => {
+                objects.insert(key(&o), cep_entries(&o));
+            }
+            watcher::Event::Delete(o) => {
+                objects.remove(&key(&o));
+            }
+        }
+        shared.lock().remote_endpoints = objects.values().flatten().cloned().collect();
+        shared.policy_changed();
+    }
+}
+
+pub struct Enforcer {
+    pin_dir: PathBuf,
+    endpoints: BTreeMap<(String, String), EndpointDatapath>,
+    events: Option<datapath::Events>,
+    ipcache: BTreeMap<(Ipv4Addr, u32), IpcacheValue>,
+}
+
+fn to_kernel(c: &policy::Compiled) -> Vec<(u32, PolicyKey, PolicyValue)> {
+    c.entries
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.prefix_len(),
+                PolicyKey {
+                    identity: k.identity,
+                    egress: k.egress as u8,
+                    proto: k.proto,
+                    dport: k.dport.to_be(),
+                },
+                PolicyValue {
+                    flags: if v.deny {
+                        datapath::POLICY_FLAG_DENY
+                    } else {
+                        0
+                    },
+                    auth_type: v.auth_type,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
+impl Enforcer {
+    pub fn new(pin_dir: PathBuf) -> Self {
+        Self {
+            pin_dir,
+            endpoints: BTreeMap::new(),
+            events: None,
+            ipcache: BTreeMap::new(),
+        }
+    }
+
+    /// One pass; returns a problem to report, if any.
+    fn reconcile(&mut self, shared: &Shared) -> Result<(), String> {
+        let (eps, identities, compiled, desired_ipcache) = {
+            let s = shared.lock();
+            let mut cache: BTreeMap<(Ipv4Addr, u32), IpcacheValue> = BTreeMap::new();
+            // Node ids are this agent's own numbering (auth keys are per node pair here).
+            let node_ids: BTreeMap<Ipv4Addr, u16> = s
+                .table
+                .nodes
+                .values()
+                .filter_map(|n| match n.internal_ip {
+                    Some(std::net::IpAddr::V4(ip)) => Some(ip),
+                    _ => None,
+                })
+                .enumerate()
+                .map(|(i, ip)| (ip, i as u16 + 1))
+                .collect();
+            for (ip, id) in &node_ids {
+                let identity = if std::net::IpAddr::V4(*ip) == s.own.internal_ip {
+                    1
+                } else {
+                    6
+                };
+                cache.insert(
+                    (*ip, 32),
+                    IpcacheValue {
+                        identity,
+                        node_id: *id,
+                        pad: 0,
+                    },
+                );
+            }
+            for (ip, r) in &s.remote_endpoints {
+                let node_id = r
+                    .node_ip
+                    .and_then(|n| node_ids.get(&n).copied())
+                    .unwrap_or(0);
+                cache.insert(
+                    (*ip, 32),
+                    IpcacheValue {
+                        identity: r.identity,
+                        node_id,
+                        pad: 0,
+                    },
+                );
+            }
+            for (net, id) in s.policy.cidrs.prefixes() {
+                if let ipnet::IpNet::V4(v4) = net {
+                    cache
+                        .entry((v4.network(), u32::from(v4.prefix_len())))
+                        .or_insert(IpcacheValue {
+                            identity: *id,
+                            node_id: 0,
+                            pad: 0,
+                        });
+                }
+            }
+            (
+                s.endpoints.list(),
+                s.identities.clone(),
+                s.policy.compiled.clone(),
+                cache,
+            )
+        };
+        let mut problems = Vec::new();
+        let wanted: BTreeSet<(String, String)> = eps
+            .iter()
+            .map(|e| (e.namespace.clone(), e.name.clone()))
+            .collect();
+        self.endpoints.retain(|k, dp| {
+            let keep = wanted.contains(k);
+            if !keep {
+                info!(endpoint = %format!("{}/{}", k.0, k.1), interface = %dp.interface, "detaching programs");
+            }
+            keep
+        });
+        for ep in &eps {
+            let key = (ep.namespace.clone(), ep.name.clone());
+            let name = format!("{}/{}", key.0, key.1);
+            // Without its identity the endpoint cannot be named in anyone's policy yet.
+            let Some(identity) = identities.get(&key).copied() else {
+                continue;
+            };
+            let c = compiled.get(&key).cloned().unwrap_or_default();
+            let cfg = EndpointConfig {
+                local_identity: identity,
+                ingress_enforced: c.ingress_enforced as u8,
+                egress_enforced: c.egress_enforced as u8,
+                pad: 0,
+            };
+            if !self.endpoints.contains_key(&key) {
+                match EndpointDatapath::attach(&ep.interface, &self.pin_dir, cfg) {
+                    Ok(mut dp) => {
+                        info!(endpoint = %name, interface = %ep.interface, identity, "programs attached");
+                        if self.events.is_none() {
+                            self.events = dp.events().ok();
+                        }
+                        self.endpoints.insert(key.clone(), dp);
+                        // A new program instance shares the pinned ipcache, but rewrite it anyway.
+                        self.ipcache.clear();
+                    }
+                    Err(e) => {
+                        problems.push(format!("{name}: {e}"));
+                        continue;
+                    }
+                }
+            }
+            let Some(dp) = self.endpoints.get_mut(&key) else {
+                continue;
+            };
+            if let Err(e) = dp
+                .set_config(cfg)
+                .and_then(|()| dp.set_policy(&to_kernel(&c)))
+            {
+                problems.push(format!("{name}: {e}"));
+            }
+        }
+        if let Some(dp) = self.endpoints.values_mut().next() {
+            for ((ip, prefix), v) in &desired_ipcache {
+                if self.ipcache.get(&(*ip, *prefix)) != Some(v)
+                    && let Err(e) = dp.ipcache_upsert(ip.octets(), *prefix, *v)
+                {
+                    problems.push(format!("ipcache {ip}/{prefix}: {e}"));
+                }
+            }
+            for (ip, prefix) in self
+                .ipcache
+                .keys()
+                .filter(|k| !desired_ipcache.contains_key(k))
+            {
+                let _ = dp.ipcache_remove(ip.octets(), *prefix);
+            }
+            self.ipcache = desired_ipcache;
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+
+    fn log_events(&mut self) {
+        let Some(events) = self.events.as_mut() else {
+            return;
+        };
+        while let Some(e) = events.next_event() {
+            let (src, dst) = (Ipv4Addr::from(e.saddr), Ipv4Addr::from(e.daddr));
+            if e.kind == datapath::EVENT_AUTH_REQUIRED {
+                info!(
+                    local_identity = e.auth.local_identity, remote_identity = e.auth.remote_identity,
+                    remote_node_id = e.auth.remote_node_id, auth_type = e.auth.auth_type, %src, %dst, dport = e.dport,
+                    "AUTH_REQUIRED: dropped (reason 189, Authentication required)"
+                );
+            } else {
+                info!(reason = e.reason, src_identity = e.src_identity, dst_identity = e.dst_identity, %src, %dst, dport = e.dport, proto = e.proto, "dropped (Policy denied)");
+            }
+        }
+    }
+}
+
+pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
+    loop {
+        let wake = shared.compiled.notified();
+        let result = enforcer.reconcile(&shared);
+        shared.lock().datapath = match &result {
+            Ok(()) => meshd_api::ComponentStatus {
+                state: meshd_api::Health::Ok,
+                message: format!("{} endpoints enforced", enforcer.endpoints.len()),
+            },
+            Err(e) => {
+                warn!(error = %e, "datapath reconciliation incomplete; retrying");
+                meshd_api::ComponentStatus {
+                    state: meshd_api::Health::Failure,
+                    message: e.clone(),
+                }
+            }
+        };
+        let retry = if result.is_ok() {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_secs(2)
+        };
+        // Poll the event ring while waiting.
+        let deadline = tokio::time::Instant::now() + retry;
+        tokio::pin!(wake);
+        loop {
+            enforcer.log_events();
+            tokio::select! {
+                _ = &mut wake => break,
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+}
