@@ -1184,6 +1184,41 @@ threading.Event().wait()\n";
         "dropped again after expiry"
     );
 
+    // The datapath does not depend on the agent process: with node-1's agent killed, the policy
+    // is still enforced; the restarted agent adopts the pinned maps and links.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lab.agent_pid("node-1")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !tcp_connects(&lab, "other-1", web, 8080),
+        "still denied while the agent is down"
+    );
+    assert!(
+        tcp_connects(&lab, "client-1", web, 8080),
+        "still allowed while the agent is down"
+    );
+    ok(&["lab", "agent", "--name", &lab.0, "start", "node-1"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !tcp_connects(&lab, "other-1", web, 8080),
+        "still denied after the restart"
+    );
+    assert!(
+        tcp_connects(&lab, "client-1", web, 8080),
+        "still allowed after the restart"
+    );
+    let pins = String::from_utf8_lossy(
+        &lab.exec("node-1", &["ls", "/sys/fs/bpf/meshd/endpoints/lxcweb1"])
+            .stdout,
+    )
+    .into_owned();
+    for name in ["from_endpoint", "to_endpoint", "POLICY", "CONFIG"] {
+        assert!(pins.contains(name), "{name} pinned: {pins}");
+    }
+
     // Drops are reported with reason and identities.
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(

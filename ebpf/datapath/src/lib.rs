@@ -42,6 +42,8 @@ pub enum DatapathError {
         path: String,
         source: std::io::Error,
     },
+    #[error("pinning the {name} link: {message}")]
+    Link { name: &'static str, message: String },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
 }
@@ -54,22 +56,34 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
 pub struct EndpointDatapath {
     ebpf: Ebpf,
     pub interface: String,
+    ep_dir: std::path::PathBuf,
+}
+
+/// Where one endpoint's pins live: its policy and settings maps and its two program links.
+pub fn endpoint_pin_dir(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
+    pin_dir.join("endpoints").join(interface)
 }
 
 impl EndpointDatapath {
     /// Loads an instance for the endpoint behind `interface` (its host-side veth) and attaches
-    /// `from_endpoint` (TC ingress) and `to_endpoint` (TC egress).
+    /// `from_endpoint` (TC ingress) and `to_endpoint` (TC egress). Maps and links are pinned, so
+    /// enforcement goes on while the agent is down; a restarted agent reuses the pinned maps
+    /// (entries included) and swaps in fresh programs before it lets the old links go, so there
+    /// is no moment without a program.
     pub fn attach(
         interface: &str,
         pin_dir: &Path,
         config: EndpointConfig,
     ) -> Result<Self, DatapathError> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
-            path: pin_dir.display().to_string(),
+        let ep_dir = endpoint_pin_dir(pin_dir, interface);
+        std::fs::create_dir_all(&ep_dir).map_err(|source| DatapathError::PinDir {
+            path: ep_dir.display().to_string(),
             source,
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_pin_path("POLICY", ep_dir.join("POLICY"))
+            .map_pin_path("CONFIG", ep_dir.join("CONFIG"))
             .load(OBJECT)?;
         // An existing clsact qdisc is fine.
         let _ = tc::qdisc_add_clsact(interface);
@@ -84,15 +98,39 @@ impl EndpointDatapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            prog.attach(interface, dir)
+            let id = prog
+                .attach(interface, dir)
                 .map_err(|source| DatapathError::Attach {
                     interface: interface.into(),
                     source,
                 })?;
+            let link = prog
+                .take_link(id)
+                .map_err(|source| DatapathError::Program { name, source })?;
+            let fd: aya::programs::links::FdLink =
+                link.try_into()
+                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
+                        name,
+                        message: e.to_string(),
+                    })?;
+            let pin = ep_dir.join(name);
+            // The old link (from before a restart) goes only once the new one is attached.
+            if pin.exists() {
+                if let Ok(old) = aya::programs::links::PinnedLink::from_pin(&pin) {
+                    let _ = old.unpin();
+                } else {
+                    let _ = std::fs::remove_file(&pin);
+                }
+            }
+            fd.pin(&pin).map_err(|e| DatapathError::Link {
+                name,
+                message: e.to_string(),
+            })?;
         }
         let mut dp = Self {
             ebpf,
             interface: interface.to_string(),
+            ep_dir,
         };
         dp.set_config(config)?;
         Ok(dp)
@@ -234,7 +272,42 @@ pub fn monotonic_seconds() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| t.tv_sec() as u64)
 }
 
+/// Removes an endpoint's pins: its programs detach and its maps are freed. Used for endpoints
+/// that are gone (also ones deleted while the agent was down).
+pub fn remove_endpoint_pins(pin_dir: &Path, interface: &str) {
+    let dir = endpoint_pin_dir(pin_dir, interface);
+    for name in ["from_endpoint", "to_endpoint", "POLICY", "CONFIG"] {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = std::fs::remove_dir(&dir);
+}
+
+/// Interfaces that have pinned programs under `pin_dir`.
+pub fn pinned_endpoints(pin_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(pin_dir.join("endpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 impl EndpointDatapath {
+    /// Detaches and forgets this endpoint (pins removed).
+    pub fn remove(self) {
+        let pin_dir = self
+            .ep_dir
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
+        let interface = self.interface.clone();
+        drop(self);
+        if let Some(p) = pin_dir {
+            remove_endpoint_pins(&p, &interface);
+        }
+    }
+
     pub fn ipcache_remove(&mut self, addr: [u8; 4], prefix: u32) -> Result<(), DatapathError> {
         let map = self
             .ebpf

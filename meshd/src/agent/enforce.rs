@@ -193,13 +193,26 @@ impl Enforcer {
             .iter()
             .map(|e| (e.namespace.clone(), e.name.clone()))
             .collect();
-        self.endpoints.retain(|k, dp| {
-            let keep = wanted.contains(k);
-            if !keep {
+        let gone: Vec<(String, String)> = self
+            .endpoints
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            if let Some(dp) = self.endpoints.remove(&k) {
                 info!(endpoint = %format!("{}/{}", k.0, k.1), interface = %dp.interface, "detaching programs");
+                dp.remove();
             }
-            keep
-        });
+        }
+        // Pins of endpoints deleted while the agent was down.
+        let interfaces: BTreeSet<&str> = eps.iter().map(|e| e.interface.as_str()).collect();
+        for iface in datapath::pinned_endpoints(&self.pin_dir) {
+            if !interfaces.contains(iface.as_str()) {
+                info!(interface = %iface, "removing the pins of an endpoint that is gone");
+                datapath::remove_endpoint_pins(&self.pin_dir, &iface);
+            }
+        }
         for ep in &eps {
             let key = (ep.namespace.clone(), ep.name.clone());
             let name = format!("{}/{}", key.0, key.1);
