@@ -1069,11 +1069,123 @@ threading.Event().wait()\n";
     wait_for("the policy to take effect", Duration::from_secs(5), || {
         !tcp_connects(&lab, "other-1", web, 8080)
     });
-    assert!(
-        tcp_connects(&lab, "client-1", web, 8080),
-        "allowed by labels and port"
+    // The client's identity and address reach node-1's ipcache through its CiliumEndpoint.
+    wait_for(
+        "client-1 to be allowed by labels and port",
+        Duration::from_secs(5),
+        || tcp_connects(&lab, "client-1", web, 8080),
     );
     assert!(!tcp_connects(&lab, "other-1", web, 8081));
+
+    // The kernel's map agrees with the compiled entries, and bpftool reads the contract's bytes.
+    let kernel: serde_json::Value = serde_json::from_slice(
+        &lab.exec(
+            "node-1",
+            &[MESHD, "bpf", "policy", "get", "lxcweb1", "-o", "json"],
+        )
+        .stdout,
+    )
+    .unwrap();
+    let compiled: serde_json::Value = serde_json::from_slice(
+        &lab.exec(
+            "node-1",
+            &[
+                MESHD,
+                "policy",
+                "get",
+                "--endpoint",
+                "default/web-1",
+                "-o",
+                "json",
+            ],
+        )
+        .stdout,
+    )
+    .unwrap();
+    let mut k: Vec<(u64, u64, u64, u64)> = kernel
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["identity"].as_u64().unwrap(),
+                e["port"].as_u64().unwrap(),
+                e["prefixlen"].as_u64().unwrap(),
+                e["auth-type"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let mut c: Vec<(u64, u64, u64, u64)> = compiled["endpoints"][0]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["identity"].as_u64().unwrap(),
+                e["port"].as_u64().unwrap(),
+                e["prefixLen"].as_u64().unwrap(),
+                e["authType"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    k.sort();
+    c.sort();
+    assert_eq!(k, c, "kernel map vs compiled entries");
+    let dump = lab.exec(
+        "node-1",
+        &[
+            "bpftool",
+            "-j",
+            "map",
+            "dump",
+            "pinned",
+            "/sys/fs/bpf/meshd/endpoints/lxcweb1/POLICY",
+        ],
+    );
+    if dump.status.success() {
+        let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+        let bytes = |v: &serde_json::Value| -> Vec<u8> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect()
+        };
+        let entry = dump.as_array().unwrap().iter().find(|e| {
+            let key = bytes(&e["key"]);
+            u16::from_be_bytes([key[10], key[11]]) == 8081
+        });
+        let entry = entry.expect("the 8081 entry in bpftool's dump");
+        let (key, value) = (bytes(&entry["key"]), bytes(&entry["value"]));
+        assert_eq!(key.len(), 12, "the contract's 12-byte key");
+        assert_eq!(
+            u32::from_le_bytes([key[0], key[1], key[2], key[3]]),
+            64,
+            "prefixlen"
+        );
+        assert_eq!(
+            u32::from_le_bytes([key[4], key[5], key[6], key[7]]).to_string(),
+            client_id_for_dump(&lab)
+        );
+        assert_eq!((key[8], key[9]), (0, 6), "ingress, TCP");
+        assert_eq!(
+            (value.len(), value[2], value[3]),
+            (8, 0, 0x81),
+            "flags, auth type 1|0x80"
+        );
+    } else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "bpftool must work in CI: {}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+        eprintln!(
+            "SKIPPED the bpftool comparison: {}",
+            String::from_utf8_lossy(&dump.stderr)
+        );
+    }
 
     // Auth required: dropped and signalled until an auth entry exists.
     assert!(!tcp_connects(&lab, "client-1", web, 8081));
@@ -1234,4 +1346,14 @@ threading.Event().wait()\n";
     );
     let _ = srv.kill();
     let _ = srv.wait();
+}
+
+fn client_id_for_dump(lab: &Lab) -> String {
+    lab.kubectl(&[
+        "get",
+        "cep",
+        "client-1",
+        "-o",
+        "jsonpath={.status.identity.id}",
+    ])
 }

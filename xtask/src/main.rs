@@ -14,6 +14,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "throughput benchmarks"),
     ("wireguard-tools", "wg: inspecting WireGuard devices"),
     ("kmod", "modprobe/modinfo: kernel feature checks"),
+    (
+        "bpftool",
+        "inspecting meshd's pinned eBPF maps independently",
+    ),
 ];
 
 fn sh(cmd: &mut Command) -> Result<()> {

@@ -340,3 +340,34 @@ impl AuthMap {
         self.0.iter().filter_map(Result::ok).collect()
     }
 }
+
+/// An endpoint's pinned policy map, read without the agent (`meshd bpf policy get`).
+pub fn read_policy(
+    pin_dir: &Path,
+    interface: &str,
+) -> Result<Vec<(u32, PolicyKey, PolicyValue)>, DatapathError> {
+    let data = MapData::from_pin(endpoint_pin_dir(pin_dir, interface).join("POLICY"))
+        .map_err(map_err("POLICY"))?;
+    let trie: LpmTrie<MapData, PolicyKey, PolicyValue> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("POLICY"))?;
+    trie.iter()
+        .map(|r| {
+            r.map(|(k, v)| (k.prefix_len(), k.data(), v))
+                .map_err(map_err("POLICY"))
+        })
+        .collect()
+}
+
+/// The pinned ipcache, read without the agent (`meshd bpf ipcache list`).
+pub fn read_ipcache(pin_dir: &Path) -> Result<Vec<([u8; 4], u32, IpcacheValue)>, DatapathError> {
+    let data =
+        MapData::from_pin(pin_dir.join("MESHD_IPCACHE")).map_err(map_err("MESHD_IPCACHE"))?;
+    let trie: LpmTrie<MapData, [u8; 4], IpcacheValue> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("MESHD_IPCACHE"))?;
+    trie.iter()
+        .map(|r| {
+            r.map(|(k, v)| (k.data(), k.prefix_len(), v))
+                .map_err(map_err("MESHD_IPCACHE"))
+        })
+        .collect()
+}

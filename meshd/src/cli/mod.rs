@@ -204,6 +204,38 @@ pub enum BpfCommand {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// An endpoint's policy map as the kernel has it.
+    Policy {
+        #[command(subcommand)]
+        command: BpfPolicyCommand,
+    },
+    /// The ipcache: prefix → identity, node.
+    Ipcache {
+        #[command(subcommand)]
+        command: BpfIpcacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BpfPolicyCommand {
+    /// `meshd bpf policy get <host-side interface of the endpoint>`.
+    Get {
+        interface: String,
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpf_root: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum BpfIpcacheCommand {
+    List {
+        #[arg(long, default_value = "/sys/fs/bpf")]
+        bpf_root: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand)]
@@ -233,8 +265,78 @@ pub enum AuthCommand {
     },
 }
 
+fn bpf_policy(interface: &str, bpf_root: &Path, output: Output) -> Result<()> {
+    let entries = datapath::read_policy(&bpf_root.join("meshd"), interface)?;
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(prefix, k, v)| serde_json::json!({
+            "prefixlen": prefix, "identity": k.identity, "direction": if k.egress == 1 { "egress" } else { "ingress" },
+            "protocol": k.proto, "port": u16::from_be(k.dport),
+            "verdict": if v.flags & datapath::POLICY_FLAG_DENY != 0 { "deny" } else { "allow" }, "auth-type": v.auth_type,
+        }))
+        .collect();
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<10} {:<9} {:<6} {:<6} {:<7} {:<8} AUTH",
+            "IDENTITY", "DIRECTION", "PROTO", "PORT", "PREFIX", "VERDICT"
+        );
+        for r in rows {
+            println!(
+                "{:<10} {:<9} {:<6} {:<6} {:<7} {:<8} {:#04x}",
+                r["identity"],
+                r["direction"].as_str().unwrap_or(""),
+                r["protocol"],
+                r["port"],
+                r["prefixlen"],
+                r["verdict"].as_str().unwrap_or(""),
+                r["auth-type"].as_u64().unwrap_or(0)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn bpf_ipcache(bpf_root: &Path, output: Output) -> Result<()> {
+    let entries = datapath::read_ipcache(&bpf_root.join("meshd"))?;
+    let rows: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(addr, prefix, v)| serde_json::json!({
+            "prefix": format!("{}/{prefix}", std::net::Ipv4Addr::from(*addr)), "identity": v.identity, "node-id": v.node_id,
+        }))
+        .collect();
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<20} {:<10} NODE ID", "PREFIX", "IDENTITY");
+        for r in rows {
+            println!(
+                "{:<20} {:<10} {}",
+                r["prefix"].as_str().unwrap_or(""),
+                r["identity"],
+                r["node-id"]
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn bpf(cmd: BpfCommand) -> Result<()> {
-    let BpfCommand::Auth { command } = cmd;
+    let command = match cmd {
+        BpfCommand::Auth { command } => command,
+        BpfCommand::Policy {
+            command:
+                BpfPolicyCommand::Get {
+                    interface,
+                    bpf_root,
+                    output,
+                },
+        } => return bpf_policy(&interface, &bpf_root, output),
+        BpfCommand::Ipcache {
+            command: BpfIpcacheCommand::List { bpf_root, output },
+        } => return bpf_ipcache(&bpf_root, output),
+    };
     match command {
         AuthCommand::List { bpf_root, output } => {
             let map = datapath::AuthMap::open(&bpf_root.join("meshd"))?;
