@@ -63,6 +63,13 @@ impl Lab {
         Self(name.to_string())
     }
 
+    /// Adds pod `name` with one label on `node`.
+    fn pod(&self, node: &str, label: &str, name: &str) {
+        ok(&[
+            "lab", "pod", "add", "--name", &self.0, "--node", node, "--label", label, name,
+        ]);
+    }
+
     fn exec(&self, target: &str, cmd: &[&str]) -> Output {
         let mut args = vec!["lab", "exec", "--name", &self.0, target, "--"];
         args.extend_from_slice(cmd);
@@ -804,12 +811,8 @@ fn identities_and_cilium_endpoints() {
         return;
     }
     let lab = Lab::up("t-id", 2, 1, "none");
-    ok(&[
-        "lab", "pod", "add", "--name", &lab.0, "--node", "node-1", "--label", "app=web", "web-1",
-    ]);
-    ok(&[
-        "lab", "pod", "add", "--name", &lab.0, "--node", "node-2", "--label", "app=web", "web-2",
-    ]);
+    lab.pod("node-1", "app=web", "web-1");
+    lab.pod("node-2", "app=web", "web-2");
     let cep_identity =
         |name: &str| lab.kubectl(&["get", "cep", name, "-o", "jsonpath={.status.identity.id}"]);
     wait_for(
@@ -884,21 +887,8 @@ fn policies_compile_per_endpoint_and_keep_the_last_good_version() {
         return;
     }
     let lab = Lab::up("t-pol", 2, 0, "none");
-    ok(&[
-        "lab", "pod", "add", "--name", &lab.0, "--node", "node-1", "--label", "app=web", "web-1",
-    ]);
-    ok(&[
-        "lab",
-        "pod",
-        "add",
-        "--name",
-        &lab.0,
-        "--node",
-        "node-2",
-        "--label",
-        "app=client",
-        "client-1",
-    ]);
+    lab.pod("node-1", "app=web", "web-1");
+    lab.pod("node-2", "app=client", "client-1");
     let policy = |port: &str| {
         format!(
             "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: web-auth, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  ingress:\n  - fromEndpoints: [{{matchLabels: {{app: client}}}}]\n    authentication: {{mode: required}}\n    toPorts: [{{ports: [{{port: \"{port}\", protocol: TCP}}]}}]\n"
@@ -1017,33 +1007,9 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         return;
     }
     let lab = Lab::up("t-enf", 2, 0, "wireguard");
-    ok(&[
-        "lab", "pod", "add", "--name", &lab.0, "--node", "node-1", "--label", "app=web", "web-1",
-    ]);
-    ok(&[
-        "lab",
-        "pod",
-        "add",
-        "--name",
-        &lab.0,
-        "--node",
-        "node-2",
-        "--label",
-        "app=client",
-        "client-1",
-    ]);
-    ok(&[
-        "lab",
-        "pod",
-        "add",
-        "--name",
-        &lab.0,
-        "--node",
-        "node-2",
-        "--label",
-        "app=other",
-        "other-1",
-    ]);
+    lab.pod("node-1", "app=web", "web-1");
+    lab.pod("node-2", "app=client", "client-1");
+    lab.pod("node-2", "app=other", "other-1");
     let server = "import socket, threading\n\
 def serve(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
 for p in (8080, 8081): threading.Thread(target=serve, args=(p,), daemon=True).start()\n\

@@ -190,31 +190,22 @@ mod prog {
             (Some(s), _) => Some(s),
             (None, w) => w,
         };
-        let no_auth = AuthKey::default();
-        let Some(v) = entry else {
-            emit(
-                EVENT_DROP,
-                REASON_POLICY_DENIED,
-                egress,
-                &p,
-                cfg.local_identity,
-                remote,
-                no_auth,
-            );
-            return TC_ACT_SHOT as i32;
+        // No entry, or a deny entry: Policy denied.
+        let v = match entry {
+            Some(v) if v.flags & POLICY_FLAG_DENY == 0 => v,
+            _ => {
+                emit(
+                    EVENT_DROP,
+                    REASON_POLICY_DENIED,
+                    egress,
+                    &p,
+                    cfg.local_identity,
+                    remote,
+                    AuthKey::default(),
+                );
+                return TC_ACT_SHOT as i32;
+            }
         };
-        if v.flags & POLICY_FLAG_DENY != 0 {
-            emit(
-                EVENT_DROP,
-                REASON_POLICY_DENIED,
-                egress,
-                &p,
-                cfg.local_identity,
-                remote,
-                no_auth,
-            );
-            return TC_ACT_SHOT as i32;
-        }
         let auth_type = v.auth_type & 0x7f;
         if auth_type != 0 {
             let key = AuthKey {
