@@ -276,3 +276,77 @@ impl Client {
         self.get("/v1/policy").await
     }
 }
+
+/// One datapath event, as `meshd monitor` streams them (JSON lines on `/v1/monitor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MonitorEvent {
+    /// `drop` or `auth-required` (which is also a drop, reason 189).
+    pub kind: String,
+    pub reason: u8,
+    pub reason_text: String,
+    pub src_identity: u32,
+    pub dst_identity: u32,
+    pub src: String,
+    pub dst: String,
+    pub dport: u16,
+    pub proto: u8,
+    /// The policy direction of the endpoint: `ingress` or `egress`.
+    pub direction: String,
+    /// For auth-required: (local identity, remote identity, remote node id, auth type).
+    pub auth: Option<(u32, u32, u16, u8)>,
+}
+
+impl Client {
+    /// Streams monitor events to `on_event` until it returns false or the agent goes away.
+    pub async fn monitor(
+        &self,
+        mut on_event: impl FnMut(MonitorEvent) -> bool,
+    ) -> Result<(), ClientError> {
+        use hyper::body::Body as _;
+        let http = |message: String| ClientError::Http {
+            path: self.path.clone(),
+            message,
+        };
+        let stream = tokio::net::UnixStream::connect(&self.path)
+            .await
+            .map_err(|source| ClientError::Connect {
+                path: self.path.clone(),
+                source,
+            })?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| http(e.to_string()))?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .uri("/v1/monitor")
+            .header("host", "meshd")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| http(e.to_string()))?;
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| http(e.to_string()))?;
+        let mut body = resp.into_body();
+        let mut pending = Vec::new();
+        while !body.is_end_stream() {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
+            let frame = frame.map_err(|e| http(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                pending.extend_from_slice(&data);
+                while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=i).collect();
+                    if let Ok(ev) = serde_json::from_slice::<MonitorEvent>(&line)
+                        && !on_event(ev)
+                    {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -58,6 +58,16 @@ enum Command {
         #[command(subcommand)]
         command: cli::PolicyCommand,
     },
+    /// Live datapath events: drops (reason, identities, addresses, port) and AUTH_REQUIRED.
+    Monitor {
+        #[arg(long, default_value = meshd_api::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// `drop` (every drop, including authentication required) or `auth`.
+        #[arg(long = "type", value_parser = ["drop", "auth"])]
+        kind: Option<String>,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
     /// The eBPF maps on this node (as `cilium-dbg bpf`).
     Bpf {
         #[command(subcommand)]
@@ -115,6 +125,11 @@ fn main() -> std::process::ExitCode {
                 Command::Status { socket, output } => cli::status(&socket, output).await,
                 Command::Endpoint { command } => cli::endpoint(command).await,
                 Command::Bpf { command } => cli::bpf(command),
+                Command::Monitor {
+                    socket,
+                    kind,
+                    output,
+                } => cli::monitor(&socket, kind.as_deref(), output).await,
                 Command::Encrypt { command } => cli::encrypt(command).await,
                 Command::Policy { command } => cli::policy(command).await,
                 Command::WireguardUserspace {

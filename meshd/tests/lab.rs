@@ -1043,6 +1043,70 @@ threading.Event().wait()\n";
     );
     assert!(!tcp_connects(&lab, "other-1", web, 8081));
 
+    // `meshd monitor --type drop` shows the drop live: reason, identities, addresses, port.
+    let mut mon = Command::new(MESHD)
+        .args([
+            "lab", "exec", "--name", &lab.0, "node-1", "--", MESHD, "monitor", "--type", "drop",
+            "-o", "json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = mon.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!tcp_connects(&lab, "other-1", web, 8080));
+    let line = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a drop event from meshd monitor");
+    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let other_id = lab.kubectl(&[
+        "get",
+        "cep",
+        "other-1",
+        "-o",
+        "jsonpath={.status.identity.id}",
+    ]);
+    let web_id_now = lab.kubectl(&[
+        "get",
+        "cep",
+        "web-1",
+        "-o",
+        "jsonpath={.status.identity.id}",
+    ]);
+    assert_eq!(
+        (
+            ev["kind"].as_str(),
+            ev["reason"].as_u64(),
+            ev["dport"].as_u64()
+        ),
+        (Some("drop"), Some(133), Some(8080)),
+        "{line}"
+    );
+    assert_eq!(
+        (
+            ev["src-identity"].to_string(),
+            ev["dst-identity"].to_string()
+        ),
+        (other_id, web_id_now),
+        "{line}"
+    );
+    assert_eq!(
+        (ev["dst"].as_str(), ev["direction"].as_str()),
+        (Some(web), Some("ingress")),
+        "{line}"
+    );
+    let _ = mon.kill();
+    let _ = mon.wait();
+
     // The kernel's map agrees with the compiled entries, and bpftool reads the contract's bytes.
     let kernel: serde_json::Value = serde_json::from_slice(
         &lab.exec(

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use meshd_api::{EndpointSpec, ErrorBody};
@@ -26,9 +27,11 @@ pub enum ApiError {
     },
 }
 
-fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes>> {
+type Body = BoxBody<Bytes, Infallible>;
+
+fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let mut r = Response::new(Full::new(Bytes::from(bytes)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -37,7 +40,7 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
     r
 }
 
-fn err(status: StatusCode, msg: impl Into<String>) -> Response<Full<Bytes>> {
+fn err(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
     json(status, &ErrorBody { error: msg.into() })
 }
 
@@ -96,13 +99,47 @@ pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
     }
 }
 
-async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// JSON lines of datapath events until the client goes away.
+fn monitor(shared: &Shared) -> Response<Body> {
+    let mut rx = shared.monitor.subscribe();
+    let (mut tx, body) =
+        futures::channel::mpsc::channel::<Result<hyper::body::Frame<Bytes>, Infallible>>(64);
+    tokio::spawn(async move {
+        use futures::SinkExt as _;
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let mut line = serde_json::to_vec(&ev).unwrap_or_default();
+                    line.push(b'\n');
+                    if tx
+                        .send(Ok(hyper::body::Frame::data(Bytes::from(line))))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return,
+            }
+        }
+    });
+    let mut r = Response::new(StreamBody::new(body).boxed());
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    r
+}
+
+async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
         (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.fresh_status().await),
         (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.endpoints()),
         (&Method::GET, ["v1", "policy"]) => json(StatusCode::OK, &shared.policy_status()),
+        (&Method::GET, ["v1", "monitor"]) => monitor(shared),
         (&Method::PUT, ["v1", "endpoints", ns, name]) => {
             let (ns, name) = (ns.to_string(), name.to_string());
             let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {

@@ -278,13 +278,14 @@ impl Enforcer {
         }
     }
 
-    fn log_events(&mut self) {
+    fn log_events(&mut self, shared: &Shared) {
         let Some(events) = self.events.as_mut() else {
             return;
         };
         while let Some(e) = events.next_event() {
             let (src, dst) = (Ipv4Addr::from(e.saddr), Ipv4Addr::from(e.daddr));
-            if e.kind == datapath::EVENT_AUTH_REQUIRED {
+            let auth = e.kind == datapath::EVENT_AUTH_REQUIRED;
+            if auth {
                 info!(
                     local_identity = e.auth.local_identity, remote_identity = e.auth.remote_identity,
                     remote_node_id = e.auth.remote_node_id, auth_type = e.auth.auth_type, %src, %dst, dport = e.dport,
@@ -293,6 +294,37 @@ impl Enforcer {
             } else {
                 info!(reason = e.reason, src_identity = e.src_identity, dst_identity = e.dst_identity, %src, %dst, dport = e.dport, proto = e.proto, "dropped (Policy denied)");
             }
+            // Nobody listening is fine.
+            let _ = shared.monitor.send(meshd_api::MonitorEvent {
+                kind: if auth {
+                    "auth-required".into()
+                } else {
+                    "drop".into()
+                },
+                reason: e.reason,
+                reason_text: if auth {
+                    "Authentication required".into()
+                } else {
+                    "Policy denied".into()
+                },
+                src_identity: e.src_identity,
+                dst_identity: e.dst_identity,
+                src: src.to_string(),
+                dst: dst.to_string(),
+                dport: e.dport,
+                proto: e.proto,
+                direction: if e.egress == 1 {
+                    "egress".into()
+                } else {
+                    "ingress".into()
+                },
+                auth: auth.then_some((
+                    e.auth.local_identity,
+                    e.auth.remote_identity,
+                    e.auth.remote_node_id,
+                    e.auth.auth_type,
+                )),
+            });
         }
     }
 }
@@ -323,7 +355,7 @@ pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
         let deadline = tokio::time::Instant::now() + retry;
         tokio::pin!(wake);
         loop {
-            enforcer.log_events();
+            enforcer.log_events(&shared);
             tokio::select! {
                 _ = &mut wake => break,
                 _ = tokio::time::sleep_until(deadline) => break,

@@ -133,6 +133,8 @@ pub struct Shared {
     compiled: Notify,
     /// Read on each status request, so handshake ages and counters are current.
     wireguard: Option<Arc<wireguard::WireGuard>>,
+    /// Datapath events for `meshd monitor`.
+    pub monitor: tokio::sync::broadcast::Sender<meshd_api::MonitorEvent>,
 }
 
 impl Shared {
@@ -464,6 +466,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
         policy_changed: Notify::new(),
         compiled: Notify::new(),
         wireguard: wg.clone(),
+        monitor: tokio::sync::broadcast::channel(1024).0,
     });
 
     let listener = api::bind(&cfg.socket_path).await?;

@@ -197,6 +197,44 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
     Ok(())
 }
 
+/// `meshd monitor`: one line per event, in the shape of `cilium-dbg monitor`.
+pub async fn monitor(socket: &Path, kind: Option<&str>, output: Output) -> Result<()> {
+    eprintln!(
+        "Listening for events on {} (Ctrl-C to stop)",
+        socket.display()
+    );
+    let mut out = std::io::stdout();
+    meshd_api::Client::new(socket)
+        .monitor(|e| {
+            if kind == Some("auth") && e.kind != "auth-required" {
+                return true;
+            }
+            let proto = match e.proto {
+                6 => "tcp".to_string(),
+                17 => "udp".to_string(),
+                1 => "icmp".to_string(),
+                p => p.to_string(),
+            };
+            let line = match output {
+                Output::Json => serde_json::to_string(&e).unwrap_or_default(),
+                Output::Table => format!(
+                    "xx drop ({}) {}, identity {}->{}: {} -> {}:{} {proto}",
+                    e.reason_text,
+                    e.direction,
+                    e.src_identity,
+                    e.dst_identity,
+                    e.src,
+                    e.dst,
+                    e.dport
+                ),
+            };
+            use std::io::Write as _;
+            writeln!(out, "{line}").is_ok() && out.flush().is_ok()
+        })
+        .await?;
+    Ok(())
+}
+
 #[derive(Subcommand)]
 pub enum BpfCommand {
     /// The auth map.
