@@ -1387,3 +1387,96 @@ fn client_id_for_dump(lab: &Lab) -> String {
         "jsonpath={.status.identity.id}",
     ])
 }
+
+fn udp_echoes(lab: &Lab, from: &str, ip: &str, port: u16) -> bool {
+    let script = format!(
+        "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1); s.sendto(b'hi', ('{ip}', {port})); assert s.recv(16) == b'hi'"
+    );
+    lab.exec(from, &["python3", "-c", &script]).status.success()
+}
+
+/// Selectors over real traffic: namespace scoping, a port range, UDP, and the host entity.
+#[test]
+fn policy_selectors_over_real_traffic() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-sel", 2, 0, "none");
+    // (`kubectl create namespace` speaks protobuf, which the lab API server does not; apply is JSON.)
+    let ns = format!("{}/ns.yaml", lab.dir());
+    std::fs::write(&ns, "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n").unwrap();
+    lab.kubectl(&["apply", "-f", &ns]);
+    lab.pod("node-1", "app=web", "web-1");
+    lab.pod("node-2", "app=client", "client-1");
+    ok(&[
+        "lab",
+        "pod",
+        "add",
+        "--name",
+        &lab.0,
+        "--node",
+        "node-2",
+        "--namespace",
+        "prod",
+        "--label",
+        "app=client",
+        "prodclient",
+    ]);
+    let server = "import socket, threading\n\
+def tcp(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
+def udp(p):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', p))\n    while True:\n        d, a = s.recvfrom(64); s.sendto(d, a)\n\
+for p in (8080, 8081, 8082): threading.Thread(target=tcp, args=(p,), daemon=True).start()\n\
+threading.Thread(target=udp, args=(9000,), daemon=True).start()\n\
+threading.Event().wait()\n";
+    let mut srv = Command::new(MESHD)
+        .args([
+            "lab", "exec", "--name", &lab.0, "web-1", "--", "python3", "-c", server,
+        ])
+        .spawn()
+        .unwrap();
+    let web = "198.19.1.10";
+    wait_for("the servers in web-1", Duration::from_secs(5), || {
+        tcp_connects(&lab, "prodclient", web, 8080)
+    });
+    let f = format!("{}/p.yaml", lab.dir());
+    std::fs::write(
+        &f,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"8080\", endPort: 8081, protocol: TCP}, {port: \"9000\", protocol: UDP}]}]\n  - fromEntities: [host]\n",
+    )
+    .unwrap();
+    lab.kubectl(&["apply", "-f", &f]);
+    wait_for("the policy to take effect", Duration::from_secs(5), || {
+        !tcp_connects(&lab, "prodclient", web, 8080)
+    });
+    wait_for("client-1 allowed", Duration::from_secs(5), || {
+        tcp_connects(&lab, "client-1", web, 8080)
+    });
+    assert!(
+        tcp_connects(&lab, "client-1", web, 8081),
+        "inside the port range"
+    );
+    assert!(
+        !tcp_connects(&lab, "client-1", web, 8082),
+        "outside the port range"
+    );
+    assert!(udp_echoes(&lab, "client-1", web, 9000), "UDP 9000 allowed");
+    assert!(
+        !tcp_connects(&lab, "prodclient", web, 8081),
+        "same labels in another namespace are not selected"
+    );
+    assert!(!udp_echoes(&lab, "prodclient", web, 9000));
+    let host = lab.exec(
+        "node-1",
+        &[
+            "python3",
+            "-c",
+            &format!("import socket; socket.create_connection(('{web}', 8082), timeout=1).close()"),
+        ],
+    );
+    assert!(
+        host.status.success(),
+        "fromEntities: host lets the node itself in"
+    );
+    let _ = srv.kill();
+    let _ = srv.wait();
+}
