@@ -1404,7 +1404,11 @@ fn policy_selectors_over_real_traffic() {
     let lab = Lab::up("t-sel", 2, 0, "none");
     // (`kubectl create namespace` speaks protobuf, which the lab API server does not; apply is JSON.)
     let ns = format!("{}/ns.yaml", lab.dir());
-    std::fs::write(&ns, "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n").unwrap();
+    std::fs::write(
+        &ns,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: prod}\n",
+    )
+    .unwrap();
     lab.kubectl(&["apply", "-f", &ns]);
     lab.pod("node-1", "app=web", "web-1");
     lab.pod("node-2", "app=client", "client-1");
