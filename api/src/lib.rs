@@ -138,12 +138,13 @@ impl Client {
         }
     }
 
-    async fn request(
+    /// Connects to the agent's socket and sends one request.
+    async fn send(
         &self,
         method: Method,
         uri: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Bytes, ClientError> {
+        body: Vec<u8>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
         let http = |message: String| ClientError::Http {
             path: self.path.clone(),
             message,
@@ -164,12 +165,24 @@ impl Client {
             .uri(uri)
             .header("host", "meshd")
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| http(e.to_string()))?;
-        let resp = send
-            .send_request(req)
+        send.send_request(req)
             .await
-            .map_err(|e| http(e.to_string()))?;
+            .map_err(|e| http(e.to_string()))
+    }
+
+    async fn request(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let http = |message: String| ClientError::Http {
+            path: self.path.clone(),
+            message,
+        };
+        let resp = self.send(method, uri, body.unwrap_or_default()).await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
@@ -308,26 +321,7 @@ impl Client {
             path: self.path.clone(),
             message,
         };
-        let stream = tokio::net::UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| http(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = Request::builder()
-            .uri("/v1/monitor")
-            .header("host", "meshd")
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| http(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| http(e.to_string()))?;
+        let resp = self.send(Method::GET, "/v1/monitor", Vec::new()).await?;
         let mut body = resp.into_body();
         let mut pending = Vec::new();
         while !body.is_end_stream() {

@@ -991,6 +991,50 @@ fn policies_compile_per_endpoint_and_keep_the_last_good_version() {
     );
 }
 
+/// TCP servers that accept and close, and UDP echo servers, in a pod; stopped on drop.
+struct Servers(std::process::Child);
+
+impl Servers {
+    fn start(lab: &Lab, pod: &str, tcp: &[u16], udp: &[u16]) -> Self {
+        let list = |ports: &[u16]| {
+            ports
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let script = format!(
+            "import socket, threading\n\
+def tcp(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
+def udp(p):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', p))\n    while True:\n        d, a = s.recvfrom(64); s.sendto(d, a)\n\
+for p in ({},): threading.Thread(target=tcp, args=(p,), daemon=True).start()\n\
+for p in ({}): threading.Thread(target=udp, args=(p,), daemon=True).start()\n\
+threading.Event().wait()\n",
+            list(tcp),
+            if udp.is_empty() {
+                "()".to_string()
+            } else {
+                format!("({},)", list(udp))
+            },
+        );
+        Self(
+            Command::new(MESHD)
+                .args([
+                    "lab", "exec", "--name", &lab.0, pod, "--", "python3", "-c", &script,
+                ])
+                .spawn()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn tcp_connects(lab: &Lab, from: &str, ip: &str, port: u16) -> bool {
     let script =
         format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
@@ -1010,16 +1054,7 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
     lab.pod("node-1", "app=web", "web-1");
     lab.pod("node-2", "app=client", "client-1");
     lab.pod("node-2", "app=other", "other-1");
-    let server = "import socket, threading\n\
-def serve(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
-for p in (8080, 8081): threading.Thread(target=serve, args=(p,), daemon=True).start()\n\
-threading.Event().wait()\n";
-    let mut srv = Command::new(MESHD)
-        .args([
-            "lab", "exec", "--name", &lab.0, "web-1", "--", "python3", "-c", server,
-        ])
-        .spawn()
-        .unwrap();
+    let _servers = Servers::start(&lab, "web-1", &[8080, 8081], &[]);
     let web = "198.19.1.10";
     wait_for("the server in web-1", Duration::from_secs(5), || {
         tcp_connects(&lab, "other-1", web, 8080)
@@ -1374,8 +1409,6 @@ threading.Event().wait()\n";
         Duration::from_secs(5),
         || tcp_connects(&lab, "other-1", web, 8080),
     );
-    let _ = srv.kill();
-    let _ = srv.wait();
 }
 
 fn client_id_for_dump(lab: &Lab) -> String {
@@ -1426,18 +1459,7 @@ fn policy_selectors_over_real_traffic() {
         "app=client",
         "prodclient",
     ]);
-    let server = "import socket, threading\n\
-def tcp(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
-def udp(p):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('0.0.0.0', p))\n    while True:\n        d, a = s.recvfrom(64); s.sendto(d, a)\n\
-for p in (8080, 8081, 8082): threading.Thread(target=tcp, args=(p,), daemon=True).start()\n\
-threading.Thread(target=udp, args=(9000,), daemon=True).start()\n\
-threading.Event().wait()\n";
-    let mut srv = Command::new(MESHD)
-        .args([
-            "lab", "exec", "--name", &lab.0, "web-1", "--", "python3", "-c", server,
-        ])
-        .spawn()
-        .unwrap();
+    let _servers = Servers::start(&lab, "web-1", &[8080, 8081, 8082], &[9000]);
     let web = "198.19.1.10";
     wait_for("the servers in web-1", Duration::from_secs(5), || {
         tcp_connects(&lab, "prodclient", web, 8080)
@@ -1481,6 +1503,4 @@ threading.Event().wait()\n";
         host.status.success(),
         "fromEntities: host lets the node itself in"
     );
-    let _ = srv.kill();
-    let _ = srv.wait();
 }

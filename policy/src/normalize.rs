@@ -3,7 +3,6 @@
 //! (or, in a deny rule, to deny more), so access is never widened.
 
 use ipnet::IpNet;
-use serde_json::Value;
 
 use crate::PolicyError;
 use crate::model::{
@@ -786,7 +785,6 @@ pub(crate) fn from_yaml(value: serde_yaml::Value, doc_name: &str) -> Result<Poli
             out
         }
     };
-    let _ = Value::Null;
     Ok(Policy {
         kind,
         name,

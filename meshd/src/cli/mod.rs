@@ -87,13 +87,7 @@ pub async fn policy_get(socket: &Path, endpoint: Option<&str>, output: Output) -
             "IDENTITY", "DIRECTION", "PROTO", "PORT", "PREFIX", "VERDICT"
         );
         for x in &e.entries {
-            let proto = match x.protocol {
-                0 => "ANY".to_string(),
-                6 => "TCP".to_string(),
-                17 => "UDP".to_string(),
-                132 => "SCTP".to_string(),
-                p => p.to_string(),
-            };
+            let proto = proto_name(x.protocol);
             let port = if x.protocol == 0 || x.prefix_len <= 48 {
                 "ANY".to_string()
             } else {
@@ -209,12 +203,7 @@ pub async fn monitor(socket: &Path, kind: Option<&str>, output: Output) -> Resul
             if kind == Some("auth") && e.kind != "auth-required" {
                 return true;
             }
-            let proto = match e.proto {
-                6 => "tcp".to_string(),
-                17 => "udp".to_string(),
-                1 => "icmp".to_string(),
-                p => p.to_string(),
-            };
+            let proto = proto_name(e.proto).to_lowercase();
             let line = match output {
                 Output::Json => serde_json::to_string(&e).unwrap_or_default(),
                 Output::Table => format!(
@@ -546,6 +535,18 @@ pub async fn encrypt(cmd: EncryptCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// A protocol number as policy output shows it.
+fn proto_name(p: u8) -> String {
+    match p {
+        0 => "ANY".into(),
+        1 => "ICMP".into(),
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        132 => "SCTP".into(),
+        p => p.to_string(),
     }
 }
 
