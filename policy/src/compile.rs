@@ -1,7 +1,7 @@
 //! Compilation of the policies that select one endpoint into its policy-map entries: a pure
 //! function of the policies, the endpoint's labels and the known identities.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 
@@ -37,21 +37,77 @@ pub struct EndpointLabels {
 
 /// Node-local identities for CIDR selectors (Cilium's local identity scope, 1<<24 upward);
 /// the datapath's ipcache maps each prefix to its identity.
-#[derive(Debug, Clone, Default)]
+///
+/// Every prefix that any policy names gets an identity, and a CIDR selector stands for the
+/// identities of all the prefixes inside it (minus its `except`s): the ipcache resolves an
+/// address to its longest prefix, so `10.0.0.0/8` must also name the identity of a
+/// `10.1.0.0/16` that another policy introduced. Identities stay stable while their prefix is
+/// named; a prefix no longer named is forgotten and its number is never handed out again.
+#[derive(Debug, Clone)]
 pub struct CidrIdentities {
     map: BTreeMap<IpNet, u32>,
+    next: u32,
 }
 
 pub const LOCAL_IDENTITY_BASE: u32 = 1 << 24;
 
+impl Default for CidrIdentities {
+    fn default() -> Self {
+        Self {
+            map: BTreeMap::new(),
+            next: LOCAL_IDENTITY_BASE + 1,
+        }
+    }
+}
+
 impl CidrIdentities {
-    pub fn identity(&mut self, net: IpNet) -> u32 {
-        let next = LOCAL_IDENTITY_BASE + 1 + self.map.len() as u32;
-        *self.map.entry(net).or_insert(next)
+    /// Identities for the prefixes of `policies` (a fresh allocation).
+    pub fn for_policies(policies: &[Policy]) -> Self {
+        let mut c = Self::default();
+        c.update(policies);
+        c
+    }
+
+    /// Makes the set of prefixes exactly those `policies` name, keeping known identities.
+    pub fn update(&mut self, policies: &[Policy]) {
+        let mut named = BTreeSet::new();
+        for p in policies {
+            for rule in &p.rules {
+                for dir in [&rule.ingress, &rule.egress] {
+                    let rules = dir.allow.iter().flatten().chain(&dir.deny);
+                    for peer in rules.flat_map(|r| &r.peers) {
+                        if let Peer::Cidr { net, except } = peer {
+                            named.insert(net.trunc());
+                            named.extend(except.iter().map(IpNet::trunc));
+                        }
+                    }
+                }
+            }
+        }
+        self.map.retain(|net, _| named.contains(net));
+        for net in named {
+            if let std::collections::btree_map::Entry::Vacant(v) = self.map.entry(net) {
+                v.insert(self.next);
+                self.next += 1;
+            }
+        }
+    }
+
+    pub fn get(&self, net: &IpNet) -> Option<u32> {
+        self.map.get(&net.trunc()).copied()
     }
 
     pub fn prefixes(&self) -> impl Iterator<Item = (&IpNet, &u32)> {
         self.map.iter()
+    }
+
+    /// The identities `net` (without `except`) selects: its own and every prefix inside it.
+    fn within(&self, net: &IpNet, except: &[IpNet]) -> Vec<u32> {
+        self.map
+            .iter()
+            .filter(|(p, _)| net.contains(*p) && !except.iter().any(|x| x.contains(*p)))
+            .map(|(_, id)| *id)
+            .collect()
     }
 }
 
@@ -217,7 +273,7 @@ const CLUSTER_RESERVED: [u32; 6] = [
     reserved::INGRESS,
 ];
 
-fn resolve(peer: &Peer, identities: &[IdentityInfo], cidrs: &mut CidrIdentities) -> Vec<u32> {
+fn resolve(peer: &Peer, identities: &[IdentityInfo], cidrs: &CidrIdentities) -> Vec<u32> {
     match peer {
         Peer::Any | Peer::Entity(Entity::All) => vec![reserved::ANY],
         Peer::Endpoints {
@@ -240,7 +296,20 @@ fn resolve(peer: &Peer, identities: &[IdentityInfo], cidrs: &mut CidrIdentities)
             .map(|i| i.id)
             .collect(),
         Peer::Entity(e) => match e {
-            Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => vec![reserved::WORLD],
+            // CIDR identities are part of the world (Cilium labels them reserved:world).
+            Entity::World | Entity::WorldIpv4 | Entity::WorldIpv6 => {
+                let all: IpNet = if matches!(e, Entity::WorldIpv6) {
+                    IpNet::V6(Default::default())
+                } else {
+                    IpNet::V4(Default::default())
+                };
+                let mut ids = match e {
+                    Entity::World => cidrs.prefixes().map(|(_, id)| *id).collect(),
+                    _ => cidrs.within(&all, &[]),
+                };
+                ids.push(reserved::WORLD);
+                ids
+            }
             Entity::Host => vec![reserved::HOST],
             Entity::RemoteNode => vec![reserved::REMOTE_NODE],
             Entity::Health => vec![reserved::HEALTH],
@@ -256,16 +325,13 @@ fn resolve(peer: &Peer, identities: &[IdentityInfo], cidrs: &mut CidrIdentities)
             Entity::All => vec![reserved::ANY],
         },
         Peer::Cidr { net, except } => {
-            // The excepted prefixes get identities of their own (more specific in the ipcache)
-            // that this rule does not name.
-            for x in except {
-                cidrs.identity(*x);
-            }
+            // Excepted prefixes have identities of their own (more specific in the ipcache)
+            // that this selector leaves out; a prefix nobody registered selects nothing.
+            let mut ids = cidrs.within(net, except);
             if net.prefix_len() == 0 {
-                vec![reserved::WORLD]
-            } else {
-                vec![cidrs.identity(*net)]
+                ids.push(reserved::WORLD);
             }
+            ids
         }
     }
 }
@@ -292,7 +358,7 @@ fn apply(
     egress: bool,
     deny: bool,
     identities: &[IdentityInfo],
-    cidrs: &mut CidrIdentities,
+    cidrs: &CidrIdentities,
 ) {
     for r in rules {
         for peer in &r.peers {
@@ -312,12 +378,13 @@ fn apply(
     }
 }
 
-/// The entries for endpoint `ep` from every policy that selects it.
+/// The entries for endpoint `ep` from every policy that selects it; `cidrs` must hold the
+/// prefixes of `policies` ([`CidrIdentities::update`]).
 pub fn compile(
     policies: &[Policy],
     ep: &EndpointLabels,
     identities: &[IdentityInfo],
-    cidrs: &mut CidrIdentities,
+    cidrs: &CidrIdentities,
 ) -> Compiled {
     let mut labels = ep.labels.clone();
     labels.insert(NAMESPACE_LABEL.into(), ep.namespace.clone());

@@ -49,7 +49,7 @@ fn endpoint(ns: &str, pairs: &[(&str, &str)]) -> EndpointLabels {
 }
 
 fn compile_for(policies: &[Policy], ep: &EndpointLabels, ids: &[IdentityInfo]) -> Compiled {
-    compile(policies, ep, ids, &mut CidrIdentities::default())
+    compile(policies, ep, ids, &CidrIdentities::for_policies(policies))
 }
 
 #[test]
@@ -227,8 +227,8 @@ spec:
 "#;
     let p = one(text).unwrap();
     let ids = [identity(300, "prod", &[("app", "client")])];
-    let mut cidrs = CidrIdentities::default();
-    let c = compile(&[p], &endpoint("prod", &[("app", "web")]), &ids, &mut cidrs);
+    let cidrs = CidrIdentities::for_policies(std::slice::from_ref(&p));
+    let c = compile(&[p], &endpoint("prod", &[("app", "web")]), &ids, &cidrs);
     for port in [8000, 8001, 8003] {
         assert!(c.allows(300, false, TCP, port), "port {port} in the range");
     }
@@ -351,4 +351,72 @@ fn a_syntax_error_ends_the_file_with_one_error() {
     assert_eq!(docs.len(), 2);
     assert!(docs[0].is_ok());
     assert_eq!(docs[1].as_ref().unwrap_err().field, "(document)");
+}
+
+fn cidr_id(cidrs: &CidrIdentities, net: &str) -> u32 {
+    cidrs
+        .get(&net.parse().unwrap())
+        .unwrap_or_else(|| panic!("{net} has no identity"))
+}
+
+#[test]
+fn a_cidr_selects_the_more_specific_prefixes_other_policies_introduce() {
+    // The ipcache resolves 10.1.2.3 to the longest prefix any policy names (10.1.0.0/16,
+    // from the second policy); the first policy's /8 must still allow it, and its `except`
+    // must keep excluding what lies inside the excepted prefix.
+    let wide = one("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: wide, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  egress:\n  - toCIDRSet: [{cidr: 10.0.0.0/8, except: [10.96.0.0/12]}]\n").unwrap();
+    let narrow = one("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: narrow, namespace: prod}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  egress:\n  - toCIDR: [10.1.0.0/16, 10.97.0.0/16]\n  - toEntities: [world]\n").unwrap();
+    let policies = [wide, narrow];
+    let cidrs = CidrIdentities::for_policies(&policies);
+    let web = compile(&policies, &endpoint("prod", &[("app", "web")]), &[], &cidrs);
+    let db = compile(&policies, &endpoint("prod", &[("app", "db")]), &[], &cidrs);
+    let (ten, one_six, svc, inside_svc) = (
+        cidr_id(&cidrs, "10.0.0.0/8"),
+        cidr_id(&cidrs, "10.1.0.0/16"),
+        cidr_id(&cidrs, "10.96.0.0/12"),
+        cidr_id(&cidrs, "10.97.0.0/16"),
+    );
+    assert!(web.allows(ten, true, TCP, 443) && web.allows(one_six, true, TCP, 443));
+    assert!(!web.allows(svc, true, TCP, 443), "the except");
+    assert!(
+        !web.allows(inside_svc, true, TCP, 443),
+        "a prefix inside the except stays excluded"
+    );
+    assert!(!web.allows(reserved::WORLD, true, TCP, 443));
+    for id in [reserved::WORLD, ten, one_six, svc, inside_svc] {
+        assert!(
+            db.allows(id, true, UDP, 53),
+            "toEntities: world covers CIDR identity {id}"
+        );
+    }
+}
+
+#[test]
+fn cidr_identities_are_stable_and_forgotten_when_no_policy_names_them() {
+    let a = one("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: a, namespace: prod}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [198.51.100.0/24]\n").unwrap();
+    let b = one("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: b, namespace: prod}\nspec:\n  endpointSelector: {}\n  egress:\n  - toCIDR: [203.0.113.0/24]\n").unwrap();
+    let mut cidrs = CidrIdentities::default();
+    cidrs.update(&[a.clone(), b.clone()]);
+    let (ida, idb) = (
+        cidr_id(&cidrs, "198.51.100.0/24"),
+        cidr_id(&cidrs, "203.0.113.0/24"),
+    );
+    assert_ne!(ida, idb);
+    cidrs.update(std::slice::from_ref(&b));
+    assert_eq!(
+        cidrs.prefixes().count(),
+        1,
+        "a's prefix is gone from the ipcache set"
+    );
+    assert_eq!(
+        cidr_id(&cidrs, "203.0.113.0/24"),
+        idb,
+        "b keeps its identity"
+    );
+    cidrs.update(&[a, b]);
+    let again = cidr_id(&cidrs, "198.51.100.0/24");
+    assert!(
+        again != ida && again != idb,
+        "a forgotten number is not reused"
+    );
 }

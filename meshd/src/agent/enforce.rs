@@ -255,10 +255,12 @@ impl Enforcer {
             }
         }
         if let Some(dp) = self.endpoints.values_mut().next() {
+            let mut failed = false;
             for ((ip, prefix), v) in &desired_ipcache {
                 if self.ipcache.get(&(*ip, *prefix)) != Some(v)
                     && let Err(e) = dp.ipcache_upsert(ip.octets(), *prefix, *v)
                 {
+                    failed = true;
                     problems.push(format!("ipcache {ip}/{prefix}: {e}"));
                 }
             }
@@ -269,7 +271,12 @@ impl Enforcer {
             {
                 let _ = dp.ipcache_remove(ip.octets(), *prefix);
             }
-            self.ipcache = desired_ipcache;
+            // After a failed write, the next pass rewrites every entry.
+            self.ipcache = if failed {
+                BTreeMap::new()
+            } else {
+                desired_ipcache
+            };
         }
         if problems.is_empty() {
             Ok(())

@@ -130,12 +130,13 @@ impl Repository {
     pub fn recompile(&mut self, endpoints: &[(EndpointLabels, (String, String))]) {
         let policies = self.policies();
         let identities: Vec<IdentityInfo> = self.identities.values().cloned().collect();
+        self.cidrs.update(&policies);
         self.compiled = endpoints
             .iter()
             .map(|(labels, key)| {
                 (
                     key.clone(),
-                    policy::compile(&policies, labels, &identities, &mut self.cidrs),
+                    policy::compile(&policies, labels, &identities, &self.cidrs),
                 )
             })
             .collect();

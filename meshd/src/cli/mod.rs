@@ -142,7 +142,7 @@ pub async fn policy(cmd: PolicyCommand) -> Result<()> {
                                 std::slice::from_ref(&p),
                                 &ep,
                                 &[],
-                                &mut Default::default(),
+                                &policy::CidrIdentities::for_policies(std::slice::from_ref(&p)),
                             )
                             .entries
                             .len()
