@@ -20,6 +20,13 @@ use crate::pki;
 pub const LABS_DIR: &str = "/run/meshd-lab";
 pub const HUB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 pub const API_PORT: u16 = 6443;
+/// The hub's address towards the world network.
+pub const WORLD_GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 1);
+/// The lab's "world": one host outside the cluster (no node, no pod) with two addresses, for
+/// CIDR and entity rules over real traffic. Nodes route 198.18.1.0/24 via the hub, and the hub
+/// routes each node's pod CIDR back to it (a router on the underlay, without NAT).
+pub const WORLD_IPS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 1, 10), Ipv4Addr::new(198, 18, 1, 20)];
+pub const WORLD_NET: &str = "198.18.1.0/24";
 const NETNS_PREFIX: &str = "meshd-";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -66,6 +73,9 @@ pub struct LabState {
     pub nodes: Vec<NodeState>,
     /// The `meshd` binary the lab runs (the one that created it).
     pub meshd: PathBuf,
+    /// Whether the world host exists (labs made before it was added have none).
+    #[serde(default)]
+    pub world: bool,
 }
 
 /// Options for `lab up`.
@@ -139,6 +149,10 @@ impl LabState {
         format!("{NETNS_PREFIX}{}-{node}", self.name)
     }
 
+    pub fn world_netns(&self) -> String {
+        format!("{NETNS_PREFIX}{}-world", self.name)
+    }
+
     pub fn pod_netns(&self, pod: &str) -> String {
         format!("{NETNS_PREFIX}{}-pod-{pod}", self.name)
     }
@@ -183,10 +197,15 @@ impl LabState {
     /// The command prefix that runs something inside a node (its network and mount namespace)
     /// or a pod (its network namespace).
     pub fn enter(&self, target: &str) -> Result<Vec<String>> {
-        if target == "hub" {
+        if target == "hub" || (target == "world" && self.world) {
+            let netns = if target == "hub" {
+                self.hub_netns()
+            } else {
+                self.world_netns()
+            };
             return Ok(vec![
                 "nsenter".into(),
-                format!("--net=/run/netns/{}", self.hub_netns()),
+                format!("--net=/run/netns/{netns}"),
                 "--".into(),
             ]);
         }
@@ -269,10 +288,12 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
         admin_port: 0,
         nodes: Vec::new(),
         meshd: meshd.to_path_buf(),
+        world: false,
     };
     lab.save()?;
     let result = async {
         build_hub(&mut lab)?;
+        build_world(&mut lab)?;
         for i in 1..=opts.nodes {
             info!(node = i, "adding node");
             add_node(&mut lab, i, opts.pods_per_node, Some(&opts.agent_args)).await?;
@@ -369,6 +390,54 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
     Ok(())
 }
 
+/// The world host behind the hub (see [`WORLD_IPS`]).
+fn build_world(lab: &mut LabState) -> Result<()> {
+    let (hub, world) = (lab.hub_netns(), lab.world_netns());
+    info!(netns = %world, addresses = ?WORLD_IPS, "creating the world host");
+    ip(&["netns", "add", &world])?;
+    lab.world = true;
+    lab.save()?;
+    quiet_ipv6(&world)?;
+    ip(&["-n", &world, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n", &hub, "link", "add", "vworld", "type", "veth", "peer", "name", "eth0", "netns",
+        &world,
+    ])?;
+    ip(&[
+        "-n",
+        &hub,
+        "addr",
+        "add",
+        &format!("{WORLD_GATEWAY}/24"),
+        "dev",
+        "vworld",
+    ])?;
+    ip(&["-n", &hub, "link", "set", "vworld", "up"])?;
+    ns_sysctl(&hub, "net.ipv4.ip_forward", "1")?;
+    for a in WORLD_IPS {
+        ip(&[
+            "-n",
+            &world,
+            "addr",
+            "add",
+            &format!("{a}/24"),
+            "dev",
+            "eth0",
+        ])?;
+    }
+    ip(&["-n", &world, "link", "set", "eth0", "up"])?;
+    ip(&[
+        "-n",
+        &world,
+        "route",
+        "add",
+        "default",
+        "via",
+        &WORLD_GATEWAY.to_string(),
+    ])?;
+    Ok(())
+}
+
 use std::os::unix::process::CommandExt as _;
 
 /// Adds node `index` with its pods and starts its agent (`agent_args = None`: no agent).
@@ -416,6 +485,22 @@ pub async fn add_node(
     ])?;
     ip(&["-n", &netns, "link", "set", "eth0", "up"])?;
     ns_sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+    if lab.world {
+        // The world, and the way back from it to this node's pods (no route to other nodes'
+        // pods goes through the hub: those are meshd's to install).
+        let via = HUB_IP.to_string();
+        ip(&["-n", &netns, "route", "add", WORLD_NET, "via", &via])?;
+        let pod_cidr = lab.node(&name)?.pod_cidr();
+        ip(&[
+            "-n",
+            &hub,
+            "route",
+            "add",
+            &pod_cidr,
+            "via",
+            &node_ip.to_string(),
+        ])?;
+    }
 
     // The node's own mount namespace: private /var/run/meshd, /var/lib/meshd,
     // /var/run/wireguard, a sysfs of its network namespace and its own bpffs.
@@ -812,6 +897,15 @@ pub async fn delete_node(lab: &mut LabState, node: &str) -> Result<()> {
     let _ = fs::remove_file(&mnt);
     let index = lab.node(node)?.index;
     let _ = ip(&["-n", &lab.hub_netns(), "link", "del", &format!("vn{index}")]);
+    if lab.world {
+        let _ = ip(&[
+            "-n",
+            &lab.hub_netns(),
+            "route",
+            "del",
+            &format!("198.19.{index}.0/24"),
+        ]);
+    }
     lab.nodes.retain(|n| n.name != node);
     lab.save()?;
     let kubeconfig = lab.admin_kubeconfig();

@@ -98,6 +98,14 @@ fn init_tracing(json: bool) {
     }
 }
 
+/// `meshd … | head` ends quietly, as Unix tools do; daemons keep Rust's ignored SIGPIPE.
+#[allow(unsafe_code, reason = "restoring a signal's default disposition")]
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_DFL installs no handler, so no code runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 fn main() -> std::process::ExitCode {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let rt = match tokio::runtime::Runtime::new() {
@@ -119,6 +127,16 @@ fn main() -> std::process::ExitCode {
     } else {
         let cli = Cli::parse_from(argv);
         init_tracing(false);
+        let daemon = matches!(
+            cli.command,
+            Command::WireguardUserspace { .. }
+                | Command::Lab {
+                    command: cli::lab::LabCommand::Apiserver { .. }
+                }
+        );
+        if !daemon {
+            default_sigpipe();
+        }
         rt.block_on(async move {
             match cli.command {
                 Command::Agent(_) => Err(anyhow::anyhow!("`agent` must be the first argument")),

@@ -1035,6 +1035,110 @@ impl Drop for Servers {
     }
 }
 
+/// New TCP connections from `pod` to ip:port, one every 20 ms (200 ms timeout), each reported
+/// as (wall-clock start in seconds, connected): continuous traffic, and the time a policy
+/// change shows up in it.
+struct Probe {
+    child: std::process::Child,
+    rx: std::sync::mpsc::Receiver<(f64, bool)>,
+    seen: Vec<(f64, bool)>,
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+impl Probe {
+    fn start(lab: &Lab, pod: &str, ip: &str, port: u16, source: Option<&str>) -> Self {
+        let source = source.map_or("None".to_string(), |s| format!("('{s}', 0)"));
+        let script = format!(
+            "import socket, time\n\
+while True:\n    t = time.time()\n    try:\n        socket.create_connection(('{ip}', {port}), timeout=0.2, source_address={source}).close(); ok = 1\n    except OSError:\n        ok = 0\n    print(f'{{t:.3f}} {{ok}}', flush=True)\n    time.sleep(0.02)\n"
+        );
+        let mut child = Command::new(MESHD)
+            .args([
+                "lab", "exec", "--name", &lab.0, pod, "--", "python3", "-c", &script,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in
+                std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok)
+            {
+                let mut w = line.split_whitespace();
+                let (Some(t), Some(ok)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                if tx.send((t.parse().unwrap_or(0.0), ok == "1")).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            rx,
+            seen: vec![],
+        }
+    }
+
+    fn collect(&mut self) {
+        self.seen.extend(self.rx.try_iter());
+    }
+
+    /// Attempts that started within [from, to].
+    fn between(&mut self, from: f64, to: f64) -> Vec<bool> {
+        self.collect();
+        self.seen
+            .iter()
+            .filter(|(t, _)| (from..=to).contains(t))
+            .map(|(_, ok)| *ok)
+            .collect()
+    }
+
+    /// Seconds from `since` to the start of the first attempt after it with outcome `want`.
+    fn first(&mut self, want: bool, since: f64, timeout: Duration) -> f64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.collect();
+            if let Some((t, _)) = self.seen.iter().find(|(t, ok)| *t >= since && *ok == want) {
+                return t - since;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no attempt {} within {timeout:?}",
+                if want { "connected" } else { "was refused" }
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Applies (or deletes) a policy file and asserts that `probe` sees the effect within a
+/// second of the API server accepting the change.
+fn within_a_second(lab: &Lab, verb: &str, file: &str, probe: &mut Probe, want: bool, what: &str) {
+    lab.kubectl(&[verb, "-f", file]);
+    let since = now();
+    let took = probe.first(want, since, scaled(Duration::from_secs(5)));
+    eprintln!("{what}: took effect in {:.0} ms", took * 1000.0);
+    assert!(
+        took < scaled(Duration::from_secs(1)).as_secs_f64(),
+        "{what}: took {took:.3} s, more than a second"
+    );
+}
+
 fn tcp_connects(lab: &Lab, from: &str, ip: &str, port: u16) -> bool {
     let script =
         format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
@@ -1361,31 +1465,48 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         "dropped again after expiry"
     );
 
-    // The datapath does not depend on the agent process: with node-1's agent killed, the policy
-    // is still enforced; the restarted agent adopts the pinned maps and links.
+    // The datapath does not depend on the agent process: under continuous traffic (a new
+    // connection every 20 ms from each client), node-1's agent is killed and restarted; every
+    // allowed attempt connects and every denied one is refused throughout, and the restarted
+    // agent adopts the pinned maps and links without a gap.
+    let mut allowed = Probe::start(&lab, "client-1", web, 8080, None);
+    let mut denied = Probe::start(&lab, "other-1", web, 8080, None);
+    allowed.first(true, now(), scaled(Duration::from_secs(5)));
+    denied.first(false, now(), scaled(Duration::from_secs(5)));
+    let t0 = now();
+    std::thread::sleep(Duration::from_millis(500));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(lab.agent_pid("node-1")),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(
-        !tcp_connects(&lab, "other-1", web, 8080),
-        "still denied while the agent is down"
-    );
-    assert!(
-        tcp_connects(&lab, "client-1", web, 8080),
-        "still allowed while the agent is down"
-    );
+    std::thread::sleep(Duration::from_secs(1));
     ok(&["lab", "agent", "--name", &lab.0, "start", "node-1"]);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_secs(1));
+    let t1 = now();
+    let (a, d) = (allowed.between(t0, t1), denied.between(t0, t1));
     assert!(
-        !tcp_connects(&lab, "other-1", web, 8080),
-        "still denied after the restart"
+        a.len() >= 20 && d.len() >= 5,
+        "too few attempts: {} allowed, {} denied",
+        a.len(),
+        d.len()
     );
     assert!(
-        tcp_connects(&lab, "client-1", web, 8080),
-        "still allowed after the restart"
+        a.iter().all(|ok| *ok),
+        "allowed connections failed across the agent's kill and restart: {} of {}",
+        a.iter().filter(|ok| !**ok).count(),
+        a.len()
+    );
+    assert!(
+        d.iter().all(|ok| !*ok),
+        "denied connections got through across the agent's kill and restart: {} of {}",
+        d.iter().filter(|ok| **ok).count(),
+        d.len()
+    );
+    eprintln!(
+        "across kill -9 and restart: {} allowed attempts all connected, {} denied all refused",
+        a.len(),
+        d.len()
     );
     let pins = String::from_utf8_lossy(
         &lab.exec("node-1", &["ls", "/sys/fs/bpf/meshd/endpoints/lxcweb1"])
@@ -1403,11 +1524,13 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         "no drop report in the log"
     );
 
-    lab.kubectl(&["delete", "-f", &f]);
-    wait_for(
-        "the policy's deletion to open the port again",
-        Duration::from_secs(5),
-        || tcp_connects(&lab, "other-1", web, 8080),
+    within_a_second(
+        &lab,
+        "delete",
+        &f,
+        &mut denied,
+        true,
+        "the policy's deletion",
     );
 }
 
@@ -1503,4 +1626,133 @@ fn policy_selectors_over_real_traffic() {
         host.status.success(),
         "fromEntities: host lets the node itself in"
     );
+}
+
+fn tcp_connects_from(lab: &Lab, from: &str, source: &str, ip: &str, port: u16) -> bool {
+    let script = format!(
+        "import socket; socket.create_connection(('{ip}', {port}), timeout=1, source_address=('{source}', 0)).close()"
+    );
+    lab.exec(from, &["python3", "-c", &script]).status.success()
+}
+
+/// CIDR rules and the world entity over real traffic to and from a host outside the cluster
+/// (the lab's world: 198.18.1.10 and .20 behind the hub), each change timed: a policy change
+/// or deletion takes effect within a second.
+#[test]
+fn cidr_rules_and_the_world_over_real_traffic() {
+    if !root_or_skip() {
+        return;
+    }
+    let lab = Lab::up("t-cidr", 2, 0, "wireguard");
+    lab.pod("node-1", "app=web", "web-1");
+    lab.pod("node-2", "app=client", "client-1");
+    lab.pod("node-2", "app=other", "other-1");
+    let _world = Servers::start(&lab, "world", &[443], &[]);
+    let _web = Servers::start(&lab, "web-1", &[8080], &[]);
+    let web = "198.19.1.10";
+    let (w10, w20) = ("198.18.1.10", "198.18.1.20");
+    wait_for("the servers", scaled(Duration::from_secs(5)), || {
+        tcp_connects(&lab, "client-1", w10, 443) && tcp_connects(&lab, "other-1", web, 8080)
+    });
+    assert!(tcp_connects(&lab, "client-1", w20, 443));
+    assert!(tcp_connects_from(&lab, "world", w10, web, 8080));
+    assert!(tcp_connects_from(&lab, "world", w20, web, 8080));
+
+    // Egress by CIDR with an except; a CIDR over the pod range does not select pods.
+    let egress = format!("{}/egress.yaml", lab.dir());
+    let write_egress = |peer: &str| {
+        std::fs::write(
+            &egress,
+            format!("apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {{name: client-out, namespace: default}}\nspec:\n  endpointSelector: {{matchLabels: {{app: client}}}}\n  egress:\n  - {peer}\n    toPorts: [{{ports: [{{port: \"443\", protocol: TCP}}]}}]\n  - toCIDR: [198.19.0.0/16]\n"),
+        )
+        .unwrap();
+    };
+    write_egress("toCIDRSet: [{cidr: 198.18.1.0/24, except: [198.18.1.16/28]}]");
+    let mut to_w20 = Probe::start(&lab, "client-1", w20, 443, None);
+    within_a_second(
+        &lab,
+        "apply",
+        &egress,
+        &mut to_w20,
+        false,
+        "egress CIDR except",
+    );
+    assert!(tcp_connects(&lab, "client-1", w10, 443), "inside the CIDR");
+    assert!(
+        !tcp_connects(&lab, "client-1", web, 8080),
+        "a CIDR rule does not select cluster endpoints"
+    );
+
+    // Ingress by CIDR; its /32s nest inside the egress policy's /24, which still allows .10.
+    let ingress = format!("{}/ingress.yaml", lab.dir());
+    std::fs::write(
+        &ingress,
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-in, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromCIDR: [198.18.1.20/32]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n  ingressDeny:\n  - fromCIDR: [198.18.1.10/32]\n",
+    )
+    .unwrap();
+    let mut from_w10 = Probe::start(&lab, "world", web, 8080, Some(w10));
+    within_a_second(
+        &lab,
+        "apply",
+        &ingress,
+        &mut from_w10,
+        false,
+        "ingress CIDR",
+    );
+    assert!(tcp_connects_from(&lab, "world", w20, web, 8080));
+    assert!(
+        !tcp_connects(&lab, "other-1", web, 8080),
+        "pods are not in a world CIDR"
+    );
+    assert!(
+        tcp_connects(&lab, "client-1", w10, 443),
+        "the egress /24 also covers the /32 another policy introduced"
+    );
+    let ipcache = String::from_utf8_lossy(
+        &lab.exec("node-2", &[MESHD, "bpf", "ipcache", "list", "-o", "json"])
+            .stdout,
+    )
+    .into_owned();
+    let ipcache: serde_json::Value = serde_json::from_str(&ipcache).unwrap();
+    let mut cidrs: Vec<&str> = ipcache
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["identity"].as_u64().unwrap() > 1 << 24)
+        .map(|e| e["prefix"].as_str().unwrap())
+        .collect();
+    cidrs.sort();
+    assert_eq!(
+        cidrs,
+        [
+            "198.18.1.0/24",
+            "198.18.1.10/32",
+            "198.18.1.16/28",
+            "198.18.1.20/32",
+            "198.19.0.0/16"
+        ],
+        "node-2's ipcache holds the CIDRs of every policy, as local identities"
+    );
+
+    // toEntities: world covers every CIDR identity, and still no pod.
+    write_egress("toEntities: [world]");
+    within_a_second(
+        &lab,
+        "apply",
+        &egress,
+        &mut to_w20,
+        true,
+        "egress to the world",
+    );
+    assert!(!tcp_connects(&lab, "client-1", web, 8080));
+
+    within_a_second(
+        &lab,
+        "delete",
+        &ingress,
+        &mut from_w10,
+        true,
+        "ingress deletion",
+    );
+    assert!(tcp_connects(&lab, "other-1", web, 8080));
 }

@@ -40,7 +40,8 @@ pub enum LabCommand {
         #[arg(long)]
         no_ping: bool,
     },
-    /// Run a command inside a node (network + mount namespace), a pod, or `hub`.
+    /// Run a command inside a node (network + mount namespace), a pod, `hub` or `world` (a host
+    /// outside the cluster at 198.18.1.10 and 198.18.1.20).
     Exec {
         #[arg(long, default_value = "lab")]
         name: String,
@@ -357,6 +358,12 @@ fn status(name: &str, ping: bool) -> Result<()> {
         lab.admin_port,
         lab.admin_kubeconfig().display()
     );
+    if lab.world {
+        println!(
+            "World: {} (outside the cluster, via the hub; `meshd lab exec world -- …`)",
+            topology::WORLD_IPS.map(|a| a.to_string()).join(", ")
+        );
+    }
     println!();
     println!(
         "{:<10} {:<14} {:<16} {:<8} {:<8} PODS",

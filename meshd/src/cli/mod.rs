@@ -312,11 +312,12 @@ fn bpf_policy(interface: &str, bpf_root: &Path, output: Output) -> Result<()> {
         for r in rows {
             println!(
                 "{:<10} {:<9} {:<6} {:<6} {:<7} {:<8} {:#04x}",
-                r["identity"],
+                // (a JSON value's Display ignores the width)
+                r["identity"].to_string(),
                 r["direction"].as_str().unwrap_or(""),
-                r["protocol"],
-                r["port"],
-                r["prefixlen"],
+                r["protocol"].to_string(),
+                r["port"].to_string(),
+                r["prefixlen"].to_string(),
                 r["verdict"].as_str().unwrap_or(""),
                 r["auth-type"].as_u64().unwrap_or(0)
             );
@@ -341,7 +342,7 @@ fn bpf_ipcache(bpf_root: &Path, output: Output) -> Result<()> {
             println!(
                 "{:<20} {:<10} {}",
                 r["prefix"].as_str().unwrap_or(""),
-                r["identity"],
+                r["identity"].to_string(),
                 r["node-id"]
             );
         }
@@ -394,7 +395,10 @@ pub fn bpf(cmd: BpfCommand) -> Result<()> {
                     };
                     println!(
                         "{:<14} {:<14} {:<16} {:<11} {exp}",
-                        r["src-identity"], r["dst-identity"], r["remote-node-id"], t
+                        r["src-identity"].to_string(),
+                        r["dst-identity"].to_string(),
+                        r["remote-node-id"].to_string(),
+                        t
                     );
                 }
             }
