@@ -1582,10 +1582,14 @@ fn policy_selectors_over_real_traffic() {
         "app=client",
         "prodclient",
     ]);
+    // Neighbours of web-1 on its own node: their egress programs allow everything, and web-1's
+    // ingress policy must still judge them.
+    lab.pod("node-1", "app=client", "localclient");
+    lab.pod("node-1", "app=other", "localother");
     let _servers = Servers::start(&lab, "web-1", &[8080, 8081, 8082], &[9000]);
     let web = "198.19.1.10";
     wait_for("the servers in web-1", Duration::from_secs(5), || {
-        tcp_connects(&lab, "prodclient", web, 8080)
+        tcp_connects(&lab, "prodclient", web, 8080) && tcp_connects(&lab, "localother", web, 8080)
     });
     let f = format!("{}/p.yaml", lab.dir());
     std::fs::write(
@@ -1609,6 +1613,14 @@ fn policy_selectors_over_real_traffic() {
         "outside the port range"
     );
     assert!(udp_echoes(&lab, "client-1", web, 9000), "UDP 9000 allowed");
+    assert!(
+        tcp_connects(&lab, "localclient", web, 8080),
+        "allowed from the same node"
+    );
+    assert!(
+        !tcp_connects(&lab, "localother", web, 8080),
+        "denied from the same node, although the sender's egress allows it"
+    );
     assert!(
         !tcp_connects(&lab, "prodclient", web, 8081),
         "same labels in another namespace are not selected"

@@ -5,6 +5,8 @@ use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, bail};
 
+mod bench_datapath;
+
 /// Debian packages the lab and the tests use.
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip: namespaces, veths, routes"),
@@ -580,18 +582,31 @@ fn iperf(meshd: &std::path::Path, c: &Contender, streams: u32, secs: u32) -> Res
 /// WireGuard, wireguard-go, boringtun-cli, gotatun-cli and no encryption, alternating in one
 /// run; prints Gbit/s, CPU-s per GB and the ratios.
 fn bench(args: &[String]) -> Result<()> {
-    if args.first().map(String::as_str) != Some("wg") {
-        bail!("usage: cargo xtask bench wg [--seconds N]");
+    let flag = |name: &str, default: u32| -> u32 {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default)
+    };
+    let what = args.first().map(String::as_str);
+    if !matches!(what, Some("wg" | "datapath")) {
+        bail!(
+            "usage: cargo xtask bench wg [--seconds N] | bench datapath [--seconds N] [--rounds N]"
+        );
     }
-    let secs: u32 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
     setup()?;
     eprintln!("xtask bench: building meshd (release)");
     sh(cargo().args(["build", "--release", "-p", "meshd"]))?;
+    let meshd = meshd_bin()
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|t| t.join("release").join("meshd"))
+        .context("target dir")?;
+    if what == Some("datapath") {
+        return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 3));
+    }
+    let secs = flag("--seconds", 10);
     let tools = bench_tools();
     for (krate, bin) in [
         ("gotatun-cli", "gotatun"),
@@ -602,11 +617,6 @@ fn bench(args: &[String]) -> Result<()> {
             sh(cargo().args(["install", "--root"]).arg(&tools).arg(krate))?;
         }
     }
-    let meshd = meshd_bin()
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|t| t.join("release").join("meshd"))
-        .context("target dir")?;
     let tool = |b: &str| tools.join("bin").join(b).display().to_string();
     let contenders = vec![
         Contender {
@@ -748,7 +758,7 @@ fn main() -> ExitCode {
         Some("vm-test") => vm_test(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg [--seconds N]>"
+                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath [--seconds N]>"
             );
             return ExitCode::from(2);
         }

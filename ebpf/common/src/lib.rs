@@ -61,7 +61,9 @@ pub struct IpcacheValue {
     pub pad: u16,
 }
 
-/// Connection tracking key, as the packet travels (saddr/sport are the sender's).
+/// Connection tracking key, as the packet travels (saddr/sport are the sender's), scoped to
+/// the endpoint's interface: on one node, a flow the client's egress policy allowed must still
+/// pass the server's ingress policy, so each endpoint remembers its own verdicts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct CtKey {
@@ -71,6 +73,8 @@ pub struct CtKey {
     pub dport: u16,
     pub proto: u8,
     pub pad: [u8; 3],
+    /// The endpoint's host-side veth.
+    pub ifindex: u32,
 }
 
 /// Last time (CLOCK_MONOTONIC ns) a packet of the flow was seen.
@@ -159,7 +163,7 @@ mod tests {
         );
         assert_eq!(size_of::<AuthValue>(), 8);
         assert_eq!(size_of::<IpcacheValue>(), 8);
-        assert_eq!(size_of::<CtKey>(), 16);
+        assert_eq!(size_of::<CtKey>(), 20);
         assert_eq!(size_of::<EndpointConfig>(), 8);
         assert_eq!(size_of::<Event>(), 40);
     }

@@ -59,6 +59,54 @@ pub struct EndpointDatapath {
     ep_dir: std::path::PathBuf,
 }
 
+/// Key and value sizes of the pinned maps, as this build's programs use them.
+fn pinned_layouts(pin_dir: &Path, ep_dir: &Path) -> [(std::path::PathBuf, usize, usize); 5] {
+    use core::mem::size_of;
+    [
+        (
+            pin_dir.join("MESHD_IPCACHE"),
+            4 + 4,
+            size_of::<IpcacheValue>(),
+        ),
+        (
+            pin_dir.join("MESHD_AUTH"),
+            size_of::<AuthKey>(),
+            size_of::<AuthValue>(),
+        ),
+        (
+            pin_dir.join("MESHD_CT"),
+            size_of::<ebpf_common::CtKey>(),
+            size_of::<ebpf_common::CtValue>(),
+        ),
+        (
+            ep_dir.join("POLICY"),
+            4 + size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+        ),
+        (ep_dir.join("CONFIG"), 4, size_of::<EndpointConfig>()),
+    ]
+}
+
+/// A map pinned by an older meshd whose layout differs from this build's would be reused by
+/// the loader and then refused by the verifier: unpin it so a fresh one is created (programs
+/// still attached keep their old map until they are swapped).
+fn drop_incompatible_pins(pin_dir: &Path, ep_dir: &Path) {
+    for (path, key, value) in pinned_layouts(pin_dir, ep_dir) {
+        let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if (k, v) != (key, value) {
+            tracing::warn!(
+                map = %path.display(),
+                pinned_key = k, pinned_value = v, key, value,
+                "a pinned map has another layout (from an older meshd); replacing it"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
 /// Where one endpoint's pins live: its policy and settings maps and its two program links.
 pub fn endpoint_pin_dir(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
     pin_dir.join("endpoints").join(interface)
@@ -80,6 +128,7 @@ impl EndpointDatapath {
             path: ep_dir.display().to_string(),
             source,
         })?;
+        drop_incompatible_pins(pin_dir, &ep_dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_pin_path("POLICY", ep_dir.join("POLICY"))

@@ -150,7 +150,31 @@ threading.Event().wait()\n";
         egress_enforced: 1,
         pad: 0,
     };
+    // A conntrack map left pinned by an older build with another key layout is replaced,
+    // not reused (the verifier would refuse the programs).
+    sh(&[
+        "bpftool",
+        "map",
+        "create",
+        env.bpffs.join("MESHD_CT").to_str().unwrap(),
+        "type",
+        "lru_hash",
+        "key",
+        "16",
+        "value",
+        "8",
+        "entries",
+        "16",
+        "name",
+        "MESHD_CT",
+    ]);
     let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg).unwrap();
+    assert_eq!(
+        aya::maps::MapInfo::from_pin(env.bpffs.join("MESHD_CT"))
+            .unwrap()
+            .key_size() as usize,
+        std::mem::size_of::<ebpf_common::CtKey>()
+    );
     let mut events = dp.events().unwrap();
     dp.ipcache_upsert(
         [198, 18, 200, 1],

@@ -136,7 +136,10 @@ mod prog {
         let Some(p) = parse(ctx) else {
             return TC_ACT_OK as i32;
         };
-        // Replies and later packets of a flow that was allowed pass without re-evaluation.
+        // Replies and later packets of a flow that this endpoint allowed pass without
+        // re-evaluation.
+        // SAFETY: the context's __sk_buff is valid for the program's run; ifindex is readable.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let fwd = CtKey {
             saddr: p.saddr,
             daddr: p.daddr,
@@ -144,6 +147,7 @@ mod prog {
             dport: p.dport,
             proto: p.proto,
             pad: [0; 3],
+            ifindex,
         };
         let rev = CtKey {
             saddr: p.daddr,
@@ -152,6 +156,7 @@ mod prog {
             dport: p.sport,
             proto: p.proto,
             pad: [0; 3],
+            ifindex,
         };
         let now = unsafe { bpf_ktime_get_ns() };
         for k in [&fwd, &rev] {
