@@ -122,6 +122,21 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the logs of a failed test for the post-mortem.
+            let keep = format!("{}/lab-logs/{}", env!("CARGO_TARGET_TMPDIR"), self.0);
+            let _ = std::fs::remove_dir_all(&keep);
+            let _ = Command::new("sh")
+                .args([
+                    "-c",
+                    &format!(
+                        "mkdir -p {keep} && cd {} && find . -name '*.log' -exec cp --parents {{}} {keep} \\;",
+                        self.dir()
+                    ),
+                ])
+                .status();
+            eprintln!("lab logs kept in {keep}");
+        }
         let _ = meshd(&["lab", "down", "--name", &self.0]);
     }
 }
@@ -1063,6 +1078,7 @@ while True:\n    t = time.time()\n    try:\n        socket.create_connection(('{
                 "lab", "exec", "--name", &lab.0, pod, "--", "python3", "-c", &script,
             ])
             .stdout(Stdio::piped())
+            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();

@@ -10,7 +10,7 @@
 /// Policy map LPM data; the map key is `{u32 prefixlen; PolicyKey}` (12 bytes).
 /// `prefixlen = 40 + (proto ? 8 : 0) + port bits`; identity 0 = any peer.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
 pub struct PolicyKey {
     pub identity: u32,
     pub egress: u8,
@@ -77,12 +77,20 @@ pub struct CtKey {
     pub ifindex: u32,
 }
 
-/// Last time (CLOCK_MONOTONIC ns) a packet of the flow was seen.
+/// A remembered flow, one entry per direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct CtValue {
-    pub created_ns: u64,
+    /// Last time (CLOCK_MONOTONIC ns, refreshed at most once a second) a packet was seen.
+    pub seen_ns: u64,
+    /// The endpoint's policy revision when the flow was allowed: a forward packet seen under
+    /// a newer revision is judged again, so revoking access cuts existing connections too.
+    pub revision: u32,
+    /// `CT_FLAG_REPLY`: this entry is the flow's reply direction (passes without policy).
+    pub flags: u32,
 }
+
+pub const CT_FLAG_REPLY: u32 = 1;
 
 /// Per program instance (endpoint) settings: ARRAY map with one entry.
 #[repr(C)]
@@ -92,6 +100,8 @@ pub struct EndpointConfig {
     pub ingress_enforced: u8,
     pub egress_enforced: u8,
     pub pad: u16,
+    /// Bumped (by the loader) whenever the endpoint's policy or settings change.
+    pub policy_revision: u32,
 }
 
 pub const EVENT_DROP: u8 = 1;
@@ -164,7 +174,8 @@ mod tests {
         assert_eq!(size_of::<AuthValue>(), 8);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<CtKey>(), 20);
-        assert_eq!(size_of::<EndpointConfig>(), 8);
+        assert_eq!(size_of::<EndpointConfig>(), 12);
+        assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<Event>(), 40);
     }
 }

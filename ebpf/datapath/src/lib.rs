@@ -57,6 +57,30 @@ pub struct EndpointDatapath {
     ebpf: Ebpf,
     pub interface: String,
     ep_dir: std::path::PathBuf,
+    /// The policy entries last written (None: unknown, read the kernel first).
+    written: Option<PolicyEntries>,
+    /// The settings in force; their `policy_revision` is bumped on every change of settings
+    /// or entries, which makes the programs judge established flows again.
+    config: EndpointConfig,
+}
+
+type PolicyEntries = std::collections::HashMap<(u32, PolicyKey), PolicyValue>;
+
+/// What one [`EndpointDatapath::set_policy`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicySync {
+    /// Entries in force afterwards.
+    pub entries: usize,
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub took: std::time::Duration,
+}
+
+impl PolicySync {
+    pub fn is_noop(&self) -> bool {
+        self.added + self.changed + self.removed == 0
+    }
 }
 
 /// Key and value sizes of the pinned maps, as this build's programs use them.
@@ -162,67 +186,147 @@ impl EndpointDatapath {
                         name,
                         message: e.to_string(),
                     })?;
+            // The new link is pinned beside the old one (from before a restart; both programs
+            // run meanwhile) and renamed over it, which releases the old link: at every moment,
+            // a crash included, a pinned program is attached.
             let pin = ep_dir.join(name);
-            // The old link (from before a restart) goes only once the new one is attached.
-            if pin.exists() {
-                if let Ok(old) = aya::programs::links::PinnedLink::from_pin(&pin) {
-                    let _ = old.unpin();
-                } else {
-                    let _ = std::fs::remove_file(&pin);
-                }
-            }
-            fd.pin(&pin).map_err(|e| DatapathError::Link {
+            let next = ep_dir.join(format!("{name}_next")); // (bpffs names cannot hold a dot)
+            let _ = std::fs::remove_file(&next);
+            fd.pin(&next).map_err(|e| DatapathError::Link {
                 name,
                 message: e.to_string(),
+            })?;
+            std::fs::rename(&next, &pin).map_err(|e| DatapathError::Link {
+                name,
+                message: format!("replacing the pinned link {}: {e}", pin.display()),
             })?;
         }
         let mut dp = Self {
             ebpf,
             interface: interface.to_string(),
             ep_dir,
+            written: None,
+            config: EndpointConfig::default(),
         };
+        // An adopted map keeps its settings and revision (flows stay valid if nothing changed).
+        dp.config = dp.read_config()?;
         dp.set_config(config)?;
         Ok(dp)
     }
 
+    fn read_config(&self) -> Result<EndpointConfig, DatapathError> {
+        let map = self
+            .ebpf
+            .map("CONFIG")
+            .ok_or(DatapathError::MissingMap("CONFIG"))?;
+        let a: Array<&MapData, EndpointConfig> = Array::try_from(map).map_err(map_err("CONFIG"))?;
+        a.get(&0, 0).map_err(map_err("CONFIG"))
+    }
+
+    /// The settings in force, with their policy revision.
+    pub fn config(&self) -> EndpointConfig {
+        self.config
+    }
+
+    /// Writes the endpoint's settings (its `policy_revision` is the loader's: bumped when
+    /// anything changed).
     pub fn set_config(&mut self, config: EndpointConfig) -> Result<(), DatapathError> {
+        let same = EndpointConfig {
+            policy_revision: self.config.policy_revision,
+            ..config
+        } == self.config;
+        if !same {
+            self.bump(config)?;
+        }
+        Ok(())
+    }
+
+    fn bump(&mut self, config: EndpointConfig) -> Result<(), DatapathError> {
+        let next = EndpointConfig {
+            policy_revision: self.config.policy_revision.wrapping_add(1),
+            ..config
+        };
         let map = self
             .ebpf
             .map_mut("CONFIG")
             .ok_or(DatapathError::MissingMap("CONFIG"))?;
         let mut a: Array<&mut MapData, EndpointConfig> =
             Array::try_from(map).map_err(map_err("CONFIG"))?;
-        a.set(0, config, 0).map_err(map_err("CONFIG"))
+        a.set(0, next, 0).map_err(map_err("CONFIG"))?;
+        self.config = next;
+        Ok(())
+    }
+
+    /// Entries first, then settings, under one new revision when anything changed: what the
+    /// agent calls on every pass.
+    pub fn sync(
+        &mut self,
+        config: EndpointConfig,
+        entries: &[(u32, PolicyKey, PolicyValue)],
+    ) -> Result<PolicySync, DatapathError> {
+        let sync = self.write_entries(entries)?;
+        if sync.is_noop() {
+            self.set_config(config)?;
+        } else {
+            self.bump(config)?;
+        }
+        Ok(sync)
     }
 
     /// Replaces the endpoint's policy entries with `entries` (prefix length, key, value):
-    /// entries already right stay, others are added or removed.
+    /// entries already right stay, stale ones are removed first (a change never widens access
+    /// in between), then missing or changed ones are written. What the kernel holds is read
+    /// once (after attach or adoption, or after a failed write) and remembered, so a pass with
+    /// nothing to change makes no system call.
     pub fn set_policy(
         &mut self,
         entries: &[(u32, PolicyKey, PolicyValue)],
-    ) -> Result<(), DatapathError> {
+    ) -> Result<PolicySync, DatapathError> {
+        let config = self.config;
+        self.sync(config, entries)
+    }
+
+    fn write_entries(
+        &mut self,
+        entries: &[(u32, PolicyKey, PolicyValue)],
+    ) -> Result<PolicySync, DatapathError> {
+        let started = std::time::Instant::now();
+        let current = match self.written.take() {
+            Some(w) => w,
+            None => self
+                .policy()?
+                .into_iter()
+                .map(|(p, k, v)| ((p, k), v))
+                .collect(),
+        };
+        let want: PolicyEntries = entries.iter().map(|(p, k, v)| ((*p, *k), *v)).collect();
         let map = self
             .ebpf
             .map_mut("POLICY")
             .ok_or(DatapathError::MissingMap("POLICY"))?;
         let mut trie: LpmTrie<&mut MapData, PolicyKey, PolicyValue> =
             LpmTrie::try_from(map).map_err(map_err("POLICY"))?;
-        let want: Vec<(u32, PolicyKey)> = entries.iter().map(|(p, k, _)| (*p, *k)).collect();
-        let stale: Vec<Key<PolicyKey>> = trie
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-            .collect();
-        for k in stale {
-            trie.remove(&k).map_err(map_err("POLICY"))?;
+        let mut sync = PolicySync {
+            entries: want.len(),
+            ..PolicySync::default()
+        };
+        for (p, k) in current.keys().filter(|pk| !want.contains_key(*pk)) {
+            trie.remove(&Key::new(*p, *k)).map_err(map_err("POLICY"))?;
+            sync.removed += 1;
         }
-        for (prefix, k, v) in entries {
-            let key = Key::new(*prefix, *k);
-            if trie.get(&key, 0).ok() != Some(*v) {
-                trie.insert(&key, *v, 0).map_err(map_err("POLICY"))?;
+        for ((p, k), v) in &want {
+            match current.get(&(*p, *k)) {
+                Some(old) if old == v => continue,
+                Some(_) => sync.changed += 1,
+                None => sync.added += 1,
             }
+            trie.insert(&Key::new(*p, *k), *v, 0)
+                .map_err(map_err("POLICY"))?;
         }
-        Ok(())
+        // Only a complete pass is remembered; after an error the next one reads the kernel.
+        self.written = Some(want);
+        sync.took = started.elapsed();
+        Ok(sync)
     }
 
     /// The endpoint's policy entries as the kernel has them.

@@ -54,6 +54,12 @@ fn connects(node_ns: &str, port: u16) -> bool {
         .success()
 }
 
+/// Connects to the echo port and then, every 100 ms, sends a byte and reports whether it came
+/// back within 300 ms.
+const CHAT: &str = "import socket, time\n\
+s = socket.create_connection(('198.18.200.2', 8082), timeout=1); s.settimeout(0.3); print('connected', flush=True)\n\
+while True:\n    try:\n        s.sendall(b'x'); ok = s.recv(8) == b'x'\n    except OSError:\n        ok = False\n    print('echo' if ok else 'timeout', flush=True); time.sleep(0.1)\n";
+
 fn drain(events: &mut Events) -> Vec<Event> {
     std::thread::sleep(Duration::from_millis(100));
     std::iter::from_fn(|| events.next_event()).collect()
@@ -127,7 +133,10 @@ fn policy_auth_and_conntrack_in_the_kernel() {
     }
     let server = "import socket, threading\n\
 def serve(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
+def echo(c):\n    while True:\n        d = c.recv(64)\n        if not d: break\n        c.sendall(d)\n\
+def echoes(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()\n\
 for p in (8080, 8081): threading.Thread(target=serve, args=(p,), daemon=True).start()\n\
+threading.Thread(target=echoes, args=(8082,), daemon=True).start()\n\
 threading.Event().wait()\n";
     env.server = Some(
         Command::new("ip")
@@ -149,6 +158,7 @@ threading.Event().wait()\n";
         ingress_enforced: 1,
         egress_enforced: 1,
         pad: 0,
+        policy_revision: 0,
     };
     // A conntrack map left pinned by an older build with another key layout is replaced,
     // not reused (the verifier would refuse the programs).
@@ -257,7 +267,12 @@ threading.Event().wait()\n";
     // Deny wins over allow.
     let mut deny = key(0, false, 8080);
     deny.2.flags = POLICY_FLAG_DENY;
-    dp.set_policy(&[key(400, false, 8080), deny]).unwrap();
+    let sync = dp.set_policy(&[key(400, false, 8080), deny]).unwrap();
+    assert_eq!(
+        (sync.entries, sync.added, sync.changed, sync.removed),
+        (2, 1, 0, 1),
+        "the auth entry went, the deny came, the 8080 entry stayed"
+    );
     assert!(!connects(&env.node, 8080));
     let kernel = dp.policy().unwrap();
     assert_eq!(
@@ -265,4 +280,58 @@ threading.Event().wait()\n";
         2,
         "set_policy replaced the entries: {kernel:?}"
     );
+    assert!(
+        dp.set_policy(&[key(400, false, 8080), deny])
+            .unwrap()
+            .is_noop(),
+        "nothing to change"
+    );
+
+    // An established connection: a policy change that still allows it keeps it going; one
+    // that no longer allows it cuts it (conntrack entries carry the policy revision).
+    let before = dp.config().policy_revision;
+    dp.set_policy(&[key(400, false, 8082)]).unwrap();
+    assert_eq!(
+        dp.config().policy_revision,
+        before + 1,
+        "a change bumps the revision"
+    );
+    let mut chat = Command::new("ip")
+        .args(["netns", "exec", &env.node, "python3", "-c", CHAT])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(chat.stdout.take().unwrap()));
+    let mut next = || lines.next().unwrap().unwrap();
+    assert_eq!(next(), "connected");
+    assert_eq!(next(), "echo", "the connection works");
+    dp.set_policy(&[key(400, false, 8082), key(400, false, 9999)])
+        .unwrap();
+    for _ in 0..3 {
+        assert_eq!(next(), "echo", "still allowed: the connection goes on");
+    }
+    dp.set_policy(&[key(400, false, 9999)]).unwrap();
+    let after: Vec<String> = (0..6).map(|_| next()).collect();
+    let _ = chat.kill();
+    let _ = chat.wait();
+    assert!(
+        after.iter().skip(1).all(|l| l == "timeout"),
+        "no longer allowed: the established connection is cut: {after:?}"
+    );
+
+    // A restarted agent adopts the pinned map: it reads what the kernel holds once and only
+    // writes the difference.
+    let revision = dp.config().policy_revision;
+    std::mem::drop(dp);
+    let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg).unwrap();
+    assert_eq!(
+        dp.config().policy_revision,
+        revision,
+        "adopted unchanged: established flows stay valid"
+    );
+    let mut deny_9999 = key(400, false, 9999);
+    deny_9999.2.flags = POLICY_FLAG_DENY;
+    let sync = dp.set_policy(&[deny_9999, key(400, false, 8080)]).unwrap();
+    assert_eq!((sync.added, sync.changed, sync.removed), (1, 1, 0));
+    assert!(connects(&env.node, 8080));
 }

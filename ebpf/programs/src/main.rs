@@ -22,6 +22,7 @@ mod prog {
     const WORLD: u32 = 2;
     /// Idle time after which a remembered flow is evaluated against policy again.
     const CT_LIFETIME_NS: u64 = 60 * 1_000_000_000;
+    const CT_REFRESH_NS: u64 = 1_000_000_000;
 
     #[map(name = "MESHD_IPCACHE")]
     static IPCACHE: LpmTrie<[u8; 4], IpcacheValue> = LpmTrie::pinned(65536, BPF_F_NO_PREALLOC);
@@ -56,7 +57,49 @@ mod prog {
         dport: u16,
     }
 
+    /// Headers read straight from the packet (no helper call per field); a packet whose
+    /// headers are not in the linear area goes through the helper-based reader.
+    #[inline(always)]
     fn parse(ctx: &TcContext) -> Option<Packet> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        // Ethernet (14) + the fixed IPv4 header (20).
+        if start + 34 > end {
+            return parse_slow(ctx);
+        }
+        // SAFETY: bounds checked against data_end just above (the verifier checks it too).
+        let eth = unsafe { core::slice::from_raw_parts(start as *const u8, 34) };
+        if eth[12] != 0x08 || eth[13] != 0x00 {
+            return None;
+        }
+        let ihl = usize::from(eth[14] & 0x0f) * 4;
+        let proto = eth[14 + 9];
+        let saddr = [eth[26], eth[27], eth[28], eth[29]];
+        let daddr = [eth[30], eth[31], eth[32], eth[33]];
+        let (sport, dport) = if proto == 6 || proto == 17 || proto == 132 {
+            let l4 = start + 14 + ihl;
+            if l4 + 4 > end {
+                return parse_slow(ctx);
+            }
+            // SAFETY: bounds checked against data_end just above.
+            let ports = unsafe { core::slice::from_raw_parts(l4 as *const u8, 4) };
+            (
+                u16::from_be_bytes([ports[0], ports[1]]),
+                u16::from_be_bytes([ports[2], ports[3]]),
+            )
+        } else {
+            (0, 0)
+        };
+        Some(Packet {
+            saddr,
+            daddr,
+            proto,
+            sport,
+            dport,
+        })
+    }
+
+    #[inline(never)]
+    fn parse_slow(ctx: &TcContext) -> Option<Packet> {
         let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
         if ethertype != 0x0800 {
             return None;
@@ -136,8 +179,8 @@ mod prog {
         let Some(p) = parse(ctx) else {
             return TC_ACT_OK as i32;
         };
-        // Replies and later packets of a flow that this endpoint allowed pass without
-        // re-evaluation.
+        // Conntrack: replies and later packets of a flow this endpoint allowed pass without a
+        // policy lookup, as long as the endpoint's policy has not changed since.
         // SAFETY: the context's __sk_buff is valid for the program's run; ifindex is readable.
         let ifindex = unsafe { (*ctx.skb.skb).ifindex };
         let fwd = CtKey {
@@ -159,18 +202,35 @@ mod prog {
             ifindex,
         };
         let now = unsafe { bpf_ktime_get_ns() };
-        for k in [&fwd, &rev] {
-            if let Some(entry) = CT.get_ptr_mut(k) {
-                // A flow idle for longer than CT_LIFETIME_NS is evaluated afresh.
-                if now.saturating_sub(unsafe { (*entry).created_ns }) < CT_LIFETIME_NS {
-                    unsafe { (*entry).created_ns = now };
-                    return TC_ACT_OK as i32;
-                }
-            }
-        }
         let Some(cfg) = CONFIG.get(0).copied() else {
             return TC_ACT_OK as i32;
         };
+        // The packet's own direction first; its reverse only if that entry is missing (e.g.
+        // evicted): then the packet is a reply if the reverse entry is a forward one.
+        let mut stale = false;
+        for (k, reverse) in [(&fwd, false), (&rev, true)] {
+            let Some(entry) = CT.get_ptr_mut(k) else {
+                continue;
+            };
+            // SAFETY: a pointer from a map lookup stays valid for this program run.
+            let e = unsafe { &mut *entry };
+            let idle = now.saturating_sub(e.seen_ns);
+            if idle >= CT_LIFETIME_NS {
+                // Idle too long: judged afresh.
+                break;
+            }
+            let reply = (e.flags & CT_FLAG_REPLY != 0) != reverse;
+            if !reply && e.revision != cfg.policy_revision {
+                // A forward packet allowed under an older policy: judged again.
+                stale = true;
+                break;
+            }
+            // Refreshed at most once a second: no cache-line write per packet.
+            if idle > CT_REFRESH_NS {
+                e.seen_ns = now;
+            }
+            return TC_ACT_OK as i32;
+        }
         let enforced = if egress {
             cfg.egress_enforced
         } else {
@@ -181,9 +241,24 @@ mod prog {
             Some(v) => (v.identity, v.node_id),
             None => (WORLD, 0),
         };
+        // Both directions are remembered, so every later packet (replies included) finds its
+        // entry with the first lookup.
         let allow = |_: &Packet| {
-            let _ = CT.insert(&fwd, &CtValue { created_ns: now }, 0);
+            let entry = |flags| CtValue {
+                seen_ns: now,
+                revision: cfg.policy_revision,
+                flags,
+            };
+            let _ = CT.insert(&fwd, &entry(0), 0);
+            let _ = CT.insert(&rev, &entry(CT_FLAG_REPLY), 0);
             TC_ACT_OK as i32
+        };
+        // A flow that the current policy no longer allows is forgotten where it is dropped.
+        let forget = || {
+            if stale {
+                let _ = CT.remove(&fwd);
+                let _ = CT.remove(&rev);
+            }
         };
         if !enforced {
             return allow(&p);
@@ -208,6 +283,7 @@ mod prog {
                     remote,
                     AuthKey::default(),
                 );
+                forget();
                 return TC_ACT_SHOT as i32;
             }
         };
@@ -232,6 +308,7 @@ mod prog {
                     remote,
                     key,
                 );
+                forget();
                 return TC_ACT_SHOT as i32;
             }
         }

@@ -226,6 +226,7 @@ impl Enforcer {
                 ingress_enforced: c.ingress_enforced as u8,
                 egress_enforced: c.egress_enforced as u8,
                 pad: 0,
+                policy_revision: 0,
             };
             if !self.endpoints.contains_key(&key) {
                 match EndpointDatapath::attach(&ep.interface, &self.pin_dir, cfg) {
@@ -247,11 +248,15 @@ impl Enforcer {
             let Some(dp) = self.endpoints.get_mut(&key) else {
                 continue;
             };
-            if let Err(e) = dp
-                .set_config(cfg)
-                .and_then(|()| dp.set_policy(&to_kernel(&c)))
-            {
-                problems.push(format!("{name}: {e}"));
+            match dp.sync(cfg, &to_kernel(&c)) {
+                Ok(sync) if !sync.is_noop() => info!(
+                    endpoint = %name, interface = %ep.interface, entries = sync.entries,
+                    added = sync.added, changed = sync.changed, removed = sync.removed,
+                    took_ms = (sync.took.as_secs_f64() * 1e4).round() / 10.0,
+                    "policy map updated"
+                ),
+                Ok(_) => {}
+                Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
         if let Some(dp) = self.endpoints.values_mut().next() {
