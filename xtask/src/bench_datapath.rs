@@ -119,6 +119,24 @@ fn iperf_gbit(meshd: &Path, client: &str, server_ip: &str, secs: u32) -> Result<
         .context("iperf3 JSON without sum_received")
 }
 
+/// (run count, run time ns) summed over meshd's programs, from the kernel's BPF statistics.
+fn program_stats(meshd: &Path) -> Result<(u64, u64)> {
+    let text = out(&mut lab_exec(
+        meshd,
+        "node-1",
+        &["bpftool", "-j", "prog", "show"],
+    ))?;
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let mut sum = (0, 0);
+    for p in v.as_array().into_iter().flatten() {
+        if matches!(p["name"].as_str(), Some("from_endpoint" | "to_endpoint")) {
+            sum.0 += p["run_cnt"].as_u64().unwrap_or(0);
+            sum.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+        }
+    }
+    Ok(sum)
+}
+
 fn connects(meshd: &Path, from: &str, ip: &str, port: u16) -> bool {
     let script =
         format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
@@ -284,7 +302,7 @@ pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
             meshd_runs.push(iperf_gbit(meshd, "cli", srv, secs)?);
         }
         let (b, m) = (median(base.clone()), median(meshd_runs.clone()));
-        println!("{:<44} {:>10} {:>24}", "datapath", "Gbit/s", "runs");
+        println!("{:<44} {:>14}   runs", "datapath", "median Gbit/s");
         let fmt = |v: &[f64]| {
             v.iter()
                 .map(|x| format!("{x:.2}"))
@@ -292,18 +310,39 @@ pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
                 .join(" ")
         };
         println!(
-            "{:<44} {:>10.2} {:>24}",
+            "{:<44} {:>14.2}   {}",
             "no programs (node-2)",
             b,
             fmt(&base)
         );
         println!(
-            "{:<44} {:>10.2} {:>24}",
+            "{:<44} {:>14.2}   {}",
             "meshd programs + 1,000-rule policy (node-1)",
             m,
             fmt(&meshd_runs)
         );
         println!("ratio meshd / no programs: {:.3} (goal >= 0.97)", m / b);
+        // What the programs cost, measured by the kernel (one more run with BPF statistics on:
+        // they add their own small cost, so this run is not one of the above).
+        let _ = Command::new("sysctl")
+            .args(["-qw", "kernel.bpf_stats_enabled=1"])
+            .status();
+        let before = program_stats(meshd);
+        let gbit = iperf_gbit(meshd, "cli", srv, secs);
+        let after = program_stats(meshd);
+        let _ = Command::new("sysctl")
+            .args(["-qw", "kernel.bpf_stats_enabled=0"])
+            .status();
+        if let (Ok(b0), Ok(g), Ok(a0)) = (before, gbit, after) {
+            let (runs, ns) = (a0.0 - b0.0, a0.1 - b0.1);
+            let gb = g * f64::from(secs) / 8.0;
+            println!(
+                "programs (kernel BPF stats, one more run at {g:.2} Gbit/s): {runs} runs, {:.0} ns per run, {:.1} ms CPU per GB = {:.2}% of one core",
+                ns as f64 / runs.max(1) as f64,
+                ns as f64 / 1e6 / gb.max(1e-9),
+                ns as f64 / 1e9 / f64::from(secs) * 100.0
+            );
+        }
         out(&mut kubectl(&["delete", "-f", &f1000]))?;
 
         println!("\npolicy map update, 10,000 entries (250 rules x 40 ports)");

@@ -604,7 +604,7 @@ fn bench(args: &[String]) -> Result<()> {
         .map(|t| t.join("release").join("meshd"))
         .context("target dir")?;
     if what == Some("datapath") {
-        return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 3));
+        return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 5));
     }
     let secs = flag("--seconds", 10);
     let tools = bench_tools();
