@@ -183,7 +183,11 @@ pub async fn watch_policies(client: kube::Client, kind: PolicyKind, shared: Arc<
                     }
                 }
                 watcher::Event::Apply(o) => {
-                    info!(?kind, name = ?o.metadata.name, "policy changed");
+                    info!(
+                        ?kind,
+                        name = o.metadata.name.as_deref().unwrap_or(""),
+                        "policy changed"
+                    );
                     s.policy.apply(kind, &o);
                 }
                 watcher::Event::Delete(o) => {
