@@ -141,7 +141,9 @@ impl Drop for Lab {
     }
 }
 
+/// Polls `f` until it holds; the deadline is stretched under emulation (see [`scaled`]).
 fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let timeout = scaled(timeout);
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
         if f() {
@@ -614,7 +616,7 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
     let start = Instant::now();
     wait_for(
         "node-4 to be a peer everywhere and reachable",
-        scaled(Duration::from_secs(2)),
+        Duration::from_secs(2),
         || {
             ["node-1", "node-2", "node-3"]
                 .iter()
@@ -632,7 +634,7 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
     ok(&["lab", "node", "delete", "--name", &lab.0, "node-4"]);
     wait_for(
         "node-4's peer to be removed everywhere",
-        scaled(Duration::from_secs(5)),
+        Duration::from_secs(5),
         || {
             ["node-1", "node-2", "node-3"]
                 .iter()
@@ -643,11 +645,15 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
 
 /// Deadlines stretched by MESHD_TEST_TIME_SCALE (the kernel-VM runs under software emulation).
 fn scaled(d: Duration) -> Duration {
-    let k: u32 = std::env::var("MESHD_TEST_TIME_SCALE")
+    d * time_scale()
+}
+
+fn time_scale() -> u32 {
+    std::env::var("MESHD_TEST_TIME_SCALE")
         .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    d * k.max(1)
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
 }
 
 fn sh_in(lab: &Lab, target: &str, script: &str) -> String {
@@ -1069,9 +1075,10 @@ fn now() -> f64 {
 impl Probe {
     fn start(lab: &Lab, pod: &str, ip: &str, port: u16, source: Option<&str>) -> Self {
         let source = source.map_or("None".to_string(), |s| format!("('{s}', 0)"));
+        let timeout = 0.2 * f64::from(time_scale());
         let script = format!(
             "import socket, time\n\
-while True:\n    t = time.time()\n    try:\n        socket.create_connection(('{ip}', {port}), timeout=0.2, source_address={source}).close(); ok = 1\n    except OSError:\n        ok = 0\n    print(f'{{t:.3f}} {{ok}}', flush=True)\n    time.sleep(0.02)\n"
+while True:\n    t = time.time()\n    try:\n        socket.create_connection(('{ip}', {port}), timeout={timeout}, source_address={source}).close(); ok = 1\n    except OSError:\n        ok = 0\n    print(f'{{t:.3f}} {{ok}}', flush=True)\n    time.sleep(0.02)\n"
         );
         let mut child = Command::new(MESHD)
             .args([
@@ -1156,8 +1163,10 @@ fn within_a_second(lab: &Lab, verb: &str, file: &str, probe: &mut Probe, want: b
 }
 
 fn tcp_connects(lab: &Lab, from: &str, ip: &str, port: u16) -> bool {
-    let script =
-        format!("import socket; socket.create_connection(('{ip}', {port}), timeout=1).close()");
+    let script = format!(
+        "import socket; socket.create_connection(('{ip}', {port}), timeout={}).close()",
+        time_scale()
+    );
     lab.exec(from, &["python3", "-c", &script]).status.success()
 }
 
@@ -1658,7 +1667,8 @@ fn policy_selectors_over_real_traffic() {
 
 fn tcp_connects_from(lab: &Lab, from: &str, source: &str, ip: &str, port: u16) -> bool {
     let script = format!(
-        "import socket; socket.create_connection(('{ip}', {port}), timeout=1, source_address=('{source}', 0)).close()"
+        "import socket; socket.create_connection(('{ip}', {port}), timeout={}, source_address=('{source}', 0)).close()",
+        time_scale()
     );
     lab.exec(from, &["python3", "-c", &script]).status.success()
 }
@@ -1679,7 +1689,7 @@ fn cidr_rules_and_the_world_over_real_traffic() {
     let _web = Servers::start(&lab, "web-1", &[8080], &[]);
     let web = "198.19.1.10";
     let (w10, w20) = ("198.18.1.10", "198.18.1.20");
-    wait_for("the servers", scaled(Duration::from_secs(5)), || {
+    wait_for("the servers", Duration::from_secs(5), || {
         tcp_connects(&lab, "client-1", w10, 443) && tcp_connects(&lab, "other-1", web, 8080)
     });
     assert!(tcp_connects(&lab, "client-1", w20, 443));

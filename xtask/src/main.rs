@@ -413,14 +413,20 @@ fn run_vm(script: &str) -> Result<i32> {
     }
 }
 
-/// `cargo xtask vm-test`: the WireGuard lab tests on Debian's kernel, where the kernel backend
-/// is selected, plus interop with wireguard-go.
+/// `cargo xtask vm-test [filter…]`: lab tests on Debian's kernel, where the kernel WireGuard
+/// backend is selected: by default the WireGuard tests (interop with wireguard-go included)
+/// and the eBPF policy tests (over kernel WireGuard there).
 fn vm_test(args: &[String]) -> Result<()> {
     setup()?;
     let bin = test_binary("meshd", "lab")?;
     // The VM sees this machine's / read-only: mount points the lab needs must exist here.
     std::fs::create_dir_all("/var/lib/meshd")?;
-    let filter = args.first().cloned().unwrap_or_else(|| "wireguard".into());
+    let filters: Vec<String> = if args.is_empty() {
+        ["wireguard", "policy", "cidr"].map(String::from).to_vec()
+    } else {
+        args.to_vec()
+    };
+    let filter = filters.join(" ");
     let script = format!(
         "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
         bin.display(),
