@@ -1505,9 +1505,9 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(scaled(Duration::from_secs(1)));
     ok(&["lab", "agent", "--name", &lab.0, "start", "node-1"]);
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(scaled(Duration::from_secs(1)));
     let t1 = now();
     let (a, d) = (allowed.between(t0, t1), denied.between(t0, t1));
     assert!(
