@@ -1557,6 +1557,26 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         true,
         "the policy's deletion",
     );
+
+    // A deleted pod leaves nothing behind: no pinned programs or maps on its node, no ipcache
+    // entry anywhere.
+    drop((allowed, denied));
+    ok(&["lab", "pod", "delete", "--name", &lab.0, "web-1"]);
+    let ipcache_has = |node: &str| {
+        String::from_utf8_lossy(&lab.exec(node, &[MESHD, "bpf", "ipcache", "list"]).stdout)
+            .contains("198.19.1.10/32")
+    };
+    wait_for("web-1's traces to go", Duration::from_secs(5), || {
+        !ipcache_has("node-1")
+            && !ipcache_has("node-2")
+            && !lab
+                .exec(
+                    "node-1",
+                    &["test", "-e", "/sys/fs/bpf/meshd/endpoints/lxcweb1"],
+                )
+                .status
+                .success()
+    });
 }
 
 fn client_id_for_dump(lab: &Lab) -> String {

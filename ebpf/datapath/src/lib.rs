@@ -494,6 +494,63 @@ impl AuthMap {
     }
 }
 
+/// The pinned ipcache, opened on its own (it outlives every endpoint) and kept equal to a
+/// desired set: what the kernel holds is read once after opening, then only differences are
+/// written.
+pub struct Ipcache {
+    trie: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    written: Option<std::collections::BTreeMap<([u8; 4], u32), IpcacheValue>>,
+}
+
+impl Ipcache {
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        let data =
+            MapData::from_pin(pin_dir.join("MESHD_IPCACHE")).map_err(map_err("MESHD_IPCACHE"))?;
+        let trie =
+            LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("MESHD_IPCACHE"))?;
+        Ok(Self {
+            trie,
+            written: None,
+        })
+    }
+
+    /// Makes the map hold exactly `want` ((address, prefix length) → value): new and changed
+    /// entries first, then the ones no longer wanted. Returns (written, removed).
+    pub fn sync(
+        &mut self,
+        want: &std::collections::BTreeMap<([u8; 4], u32), IpcacheValue>,
+    ) -> Result<(usize, usize), DatapathError> {
+        let current = match self.written.take() {
+            Some(w) => w,
+            None => self
+                .trie
+                .iter()
+                .map(|r| {
+                    r.map(|(k, v)| ((k.data(), k.prefix_len()), v))
+                        .map_err(map_err("MESHD_IPCACHE"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let mut counts = (0, 0);
+        for ((addr, prefix), v) in want {
+            if current.get(&(*addr, *prefix)) != Some(v) {
+                self.trie
+                    .insert(&Key::new(*prefix, *addr), *v, 0)
+                    .map_err(map_err("MESHD_IPCACHE"))?;
+                counts.0 += 1;
+            }
+        }
+        for (addr, prefix) in current.keys().filter(|k| !want.contains_key(*k)) {
+            match self.trie.remove(&Key::new(*prefix, *addr)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => counts.1 += 1,
+                Err(e) => return Err(map_err("MESHD_IPCACHE")(e)),
+            }
+        }
+        self.written = Some(want.clone());
+        Ok(counts)
+    }
+}
+
 /// An endpoint's pinned policy map, read without the agent (`meshd bpf policy get`).
 pub fn read_policy(
     pin_dir: &Path,

@@ -85,7 +85,8 @@ pub struct Enforcer {
     pin_dir: PathBuf,
     endpoints: BTreeMap<(String, String), EndpointDatapath>,
     events: Option<datapath::Events>,
-    ipcache: BTreeMap<(Ipv4Addr, u32), IpcacheValue>,
+    /// The shared ipcache, once a program instance has created (or an earlier run left) its pin.
+    ipcache: Option<datapath::Ipcache>,
 }
 
 fn to_kernel(c: &policy::Compiled) -> Vec<(u32, PolicyKey, PolicyValue)> {
@@ -120,7 +121,7 @@ impl Enforcer {
             pin_dir,
             endpoints: BTreeMap::new(),
             events: None,
-            ipcache: BTreeMap::new(),
+            ipcache: None,
         }
     }
 
@@ -236,8 +237,9 @@ impl Enforcer {
                             self.events = dp.events().ok();
                         }
                         self.endpoints.insert(key.clone(), dp);
-                        // A new program instance shares the pinned ipcache, but rewrite it anyway.
-                        self.ipcache.clear();
+                        // A new instance may have replaced the pinned ipcache (another
+                        // layout): open it again.
+                        self.ipcache = None;
                     }
                     Err(e) => {
                         problems.push(format!("{name}: {e}"));
@@ -259,29 +261,24 @@ impl Enforcer {
                 Err(e) => problems.push(format!("{name}: {e}")),
             }
         }
-        if let Some(dp) = self.endpoints.values_mut().next() {
-            let mut failed = false;
-            for ((ip, prefix), v) in &desired_ipcache {
-                if self.ipcache.get(&(*ip, *prefix)) != Some(v)
-                    && let Err(e) = dp.ipcache_upsert(ip.octets(), *prefix, *v)
-                {
-                    failed = true;
-                    problems.push(format!("ipcache {ip}/{prefix}: {e}"));
-                }
+        // The ipcache outlives endpoints: it is kept right even when none is left (a deleted
+        // pod's address goes), and stale entries of an earlier run are removed.
+        if self.ipcache.is_none() && self.pin_dir.join("MESHD_IPCACHE").exists() {
+            match datapath::Ipcache::open(&self.pin_dir) {
+                Ok(c) => self.ipcache = Some(c),
+                Err(e) => problems.push(format!("ipcache: {e}")),
             }
-            for (ip, prefix) in self
-                .ipcache
-                .keys()
-                .filter(|k| !desired_ipcache.contains_key(k))
-            {
-                let _ = dp.ipcache_remove(ip.octets(), *prefix);
+        }
+        if let Some(cache) = self.ipcache.as_mut() {
+            let want = desired_ipcache
+                .iter()
+                .map(|((ip, prefix), v)| ((ip.octets(), *prefix), *v))
+                .collect();
+            if let Err(e) = cache.sync(&want) {
+                // The next pass opens it again and reads what the kernel holds.
+                self.ipcache = None;
+                problems.push(format!("ipcache: {e}"));
             }
-            // After a failed write, the next pass rewrites every entry.
-            self.ipcache = if failed {
-                BTreeMap::new()
-            } else {
-                desired_ipcache
-            };
         }
         if problems.is_empty() {
             Ok(())
