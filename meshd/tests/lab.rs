@@ -1741,11 +1741,12 @@ fn cidr_rules_and_the_world_over_real_traffic() {
         "a CIDR rule does not select cluster endpoints"
     );
 
-    // Ingress by CIDR; its /32s nest inside the egress policy's /24, which still allows .10.
+    // Ingress by CIDR, with a deny inside the allowed prefix (deny wins); its prefixes nest
+    // inside the egress policy's /24, which still allows .10.
     let ingress = format!("{}/ingress.yaml", lab.dir());
     std::fs::write(
         &ingress,
-        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-in, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromCIDR: [198.18.1.20/32]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n  ingressDeny:\n  - fromCIDR: [198.18.1.10/32]\n",
+        "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: web-in, namespace: default}\nspec:\n  endpointSelector: {matchLabels: {app: web}}\n  ingress:\n  - fromCIDR: [198.18.1.0/27]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n  ingressDeny:\n  - fromCIDR: [198.18.1.10/32]\n",
     )
     .unwrap();
     let mut from_w10 = Probe::start(&lab, "world", web, 8080, Some(w10));
@@ -1757,7 +1758,10 @@ fn cidr_rules_and_the_world_over_real_traffic() {
         false,
         "ingress CIDR",
     );
-    assert!(tcp_connects_from(&lab, "world", w20, web, 8080));
+    assert!(
+        tcp_connects_from(&lab, "world", w20, web, 8080),
+        "allowed by the /27"
+    );
     assert!(
         !tcp_connects(&lab, "other-1", web, 8080),
         "pods are not in a world CIDR"
@@ -1784,9 +1788,9 @@ fn cidr_rules_and_the_world_over_real_traffic() {
         cidrs,
         [
             "198.18.1.0/24",
+            "198.18.1.0/27",
             "198.18.1.10/32",
             "198.18.1.16/28",
-            "198.18.1.20/32",
             "198.19.0.0/16"
         ],
         "node-2's ipcache holds the CIDRs of every policy, as local identities"

@@ -162,35 +162,35 @@ pub struct Compiled {
 }
 
 impl Compiled {
-    /// The verdict the datapath would reach: longest-prefix match over this identity's
-    /// entries, deny entries winning. `None` = no entry (default deny when enforced).
+    /// The verdict the datapath reaches, step for step as the program does it: the
+    /// longest-prefix entry for the peer's identity and the longest for any identity (0); a
+    /// deny from the latter wins, else the former, else the latter. `None` = no entry (default
+    /// deny when enforced). `compile` makes deny win whatever the prefix lengths.
     pub fn lookup(&self, identity: u32, egress: bool, proto: u8, port: u16) -> Option<PolicyValue> {
-        let mut best: Option<(u32, PolicyValue)> = None;
-        for id in [identity, reserved::ANY] {
-            for (k, v) in self.entries.range(
-                PolicyKey {
-                    identity: id,
-                    egress,
-                    proto: 0,
-                    dport: 0,
-                    port_prefix: 0,
-                }..,
-            ) {
-                if k.identity != id || k.egress != egress {
-                    break;
-                }
-                if k.covers(id, egress, proto, port) {
-                    let len = k.prefix_len() + if id == reserved::ANY { 0 } else { 64 };
-                    if v.deny {
-                        return Some(*v);
-                    }
-                    if best.is_none_or(|(l, _)| len > l) {
-                        best = Some((len, *v));
-                    }
-                }
-            }
+        let specific = self.longest(identity, egress, proto, port);
+        let wildcard = self.longest(reserved::ANY, egress, proto, port);
+        match (specific, wildcard) {
+            (_, Some(w)) if w.deny => Some(w),
+            (Some(s), _) => Some(s),
+            (None, w) => w,
         }
-        best.map(|(_, v)| v)
+    }
+
+    /// The LPM trie's answer for one identity.
+    fn longest(&self, identity: u32, egress: bool, proto: u8, port: u16) -> Option<PolicyValue> {
+        let start = PolicyKey {
+            identity,
+            egress,
+            proto: 0,
+            dport: 0,
+            port_prefix: 0,
+        };
+        self.entries
+            .range(start..)
+            .take_while(|(k, _)| k.identity == identity && k.egress == egress)
+            .filter(|(k, _)| k.covers(identity, egress, proto, port))
+            .max_by_key(|(k, _)| k.prefix_len())
+            .map(|(_, v)| *v)
     }
 
     /// Whether traffic passes the policy (ignoring authentication).
@@ -413,7 +413,32 @@ pub fn compile(
             }
         }
     }
+    deny_wins(&mut out.entries);
     out
+}
+
+/// The datapath takes the longest matching prefix, so an allow entry more specific than a
+/// deny entry covering it (deny all ports from X, allow X on 8080) would win there: such allow
+/// entries become deny entries, as Cilium's map state does.
+fn deny_wins(entries: &mut BTreeMap<PolicyKey, PolicyValue>) {
+    let denies: Vec<PolicyKey> = entries
+        .iter()
+        .filter(|(_, v)| v.deny)
+        .map(|(k, _)| *k)
+        .collect();
+    for (k, v) in entries.iter_mut().filter(|(_, v)| !v.deny) {
+        let covered = denies.iter().any(|d| {
+            (d.identity == k.identity || d.identity == reserved::ANY)
+                && d.prefix_len() <= k.prefix_len()
+                && d.covers(d.identity, k.egress, k.proto, k.dport)
+        });
+        if covered {
+            *v = PolicyValue {
+                deny: true,
+                auth_type: 0,
+            };
+        }
+    }
 }
 
 #[cfg(test)]

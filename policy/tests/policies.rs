@@ -420,3 +420,30 @@ fn cidr_identities_are_stable_and_forgotten_when_no_policy_names_them() {
         "a forgotten number is not reused"
     );
 }
+
+#[test]
+fn deny_wins_even_when_the_allow_entry_is_more_specific() {
+    // The kernel takes the longest prefix: without care, "allow client on 8080" (64 bits)
+    // would beat "deny client on every port" (40 bits) and "deny TCP 8000-8015" (60 bits).
+    let text = "apiVersion: cilium.io/v2\nkind: CiliumNetworkPolicy\nmetadata: {name: p, namespace: prod}\nspec:\n  endpointSelector: {}\n  ingress:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}, {port: \"8001\", protocol: TCP}, {port: \"9000\", protocol: TCP}]}]\n  - fromEndpoints: [{matchLabels: {app: other}}]\n    toPorts: [{ports: [{port: \"9000\", protocol: TCP}]}]\n  ingressDeny:\n  - fromEndpoints: [{matchLabels: {app: client}}]\n    toPorts: [{ports: [{port: \"8000\", endPort: 8015, protocol: TCP}]}]\n  - fromEntities: [all]\n    toPorts: [{ports: [{port: \"8080\", protocol: TCP}]}]\n";
+    let ids = [
+        identity(300, "prod", &[("app", "client")]),
+        identity(301, "prod", &[("app", "other")]),
+    ];
+    let c = compile_for(&[one(text).unwrap()], &endpoint("prod", &[]), &ids);
+    assert!(!c.allows(300, false, TCP, 8080), "denied for everyone");
+    assert!(!c.allows(300, false, TCP, 8001), "inside the denied range");
+    assert!(c.allows(300, false, TCP, 9000));
+    assert!(c.allows(301, false, TCP, 9000));
+    // What the kernel holds: the covered allow entries became deny entries.
+    let k = |port| {
+        c.entries
+            .iter()
+            .find(|(k, _)| k.identity == 300 && k.dport == port && k.port_prefix == 16)
+            .map(|(_, v)| v.deny)
+    };
+    assert_eq!(
+        (k(8080), k(8001), k(9000)),
+        (Some(true), Some(true), Some(false))
+    );
+}
