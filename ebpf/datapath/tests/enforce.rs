@@ -56,9 +56,50 @@ fn connects(node_ns: &str, port: u16) -> bool {
 
 /// Connects to the echo port and then, every 100 ms, sends a byte and reports whether it came
 /// back within 300 ms.
-const CHAT: &str = "import socket, time\n\
-s = socket.create_connection(('198.18.200.2', 8082), timeout=1); s.settimeout(0.3); print('connected', flush=True)\n\
-while True:\n    try:\n        s.sendall(b'x'); ok = s.recv(8) == b'x'\n    except OSError:\n        ok = False\n    print('echo' if ok else 'timeout', flush=True); time.sleep(0.1)\n";
+fn chat_script(port: u16) -> String {
+    format!(
+        "import socket, time\n\
+s = socket.create_connection(('198.18.200.2', {port}), timeout=1); print('connected', flush=True)\n\
+while True:\n    ok = False\n    try:\n        s.sendall(b'x'); end = time.time() + 0.3\n        while time.time() < end:\n            s.settimeout(max(end - time.time(), 0.01))\n            if b'x' in s.recv(64):\n                ok = True; break\n    except OSError:\n        pass\n    print('echo' if ok else 'timeout', flush=True); time.sleep(0.1)\n"
+    )
+}
+
+/// A client on `port` that sends a byte every 100 ms and reports whether its echo came back
+/// within 300 ms (one line each: `echo` or `timeout`, after `connected`).
+struct Chat {
+    child: Child,
+    lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+}
+
+impl Chat {
+    fn start(node_ns: &str, port: u16) -> Self {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                node_ns,
+                "python3",
+                "-c",
+                &chat_script(port),
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+        Self { child, lines }
+    }
+
+    fn next(&mut self) -> String {
+        self.lines.next().unwrap().unwrap()
+    }
+}
+
+impl Drop for Chat {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
 
 fn drain(events: &mut Events) -> Vec<Event> {
     std::thread::sleep(Duration::from_millis(100));
@@ -131,12 +172,14 @@ fn policy_auth_and_conntrack_in_the_kernel() {
     ] {
         sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
     }
-    let server = "import socket, threading\n\
+    let server = "import socket, threading, time\n\
 def serve(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: s.accept()[0].close()\n\
 def echo(c):\n    while True:\n        d = c.recv(64)\n        if not d: break\n        c.sendall(d)\n\
-def echoes(p):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True: threading.Thread(target=echo, args=(s.accept()[0],), daemon=True).start()\n\
+def beat(c):\n    while True:\n        c.sendall(b'h'); time.sleep(0.05)\n\
+def echoes(p, heartbeat):\n    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', p)); s.listen(16)\n    while True:\n        c = s.accept()[0]; threading.Thread(target=echo, args=(c,), daemon=True).start()\n        if heartbeat: threading.Thread(target=beat, args=(c,), daemon=True).start()\n\
 for p in (8080, 8081): threading.Thread(target=serve, args=(p,), daemon=True).start()\n\
-threading.Thread(target=echoes, args=(8082,), daemon=True).start()\n\
+threading.Thread(target=echoes, args=(8082, False), daemon=True).start()\n\
+threading.Thread(target=echoes, args=(8083, True), daemon=True).start()\n\
 threading.Event().wait()\n";
     env.server = Some(
         Command::new("ip")
@@ -203,17 +246,17 @@ threading.Event().wait()\n";
     // Enforced with no entries: dropped, reason 133, identities in the event.
     assert!(!connects(&env.node, 8080));
     let ev = drain(&mut events);
-    let drop = ev
+    let dropped = ev
         .iter()
         .find(|e| e.kind == EVENT_DROP)
         .expect("a drop event");
     assert_eq!(
         (
-            drop.reason,
-            drop.src_identity,
-            drop.dst_identity,
-            drop.dport,
-            drop.egress
+            dropped.reason,
+            dropped.src_identity,
+            dropped.dst_identity,
+            dropped.dport,
+            dropped.egress
         ),
         (REASON_POLICY_DENIED, 400, 300, 8080, 0)
     );
@@ -296,33 +339,47 @@ threading.Event().wait()\n";
         before + 1,
         "a change bumps the revision"
     );
-    let mut chat = Command::new("ip")
-        .args(["netns", "exec", &env.node, "python3", "-c", CHAT])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(chat.stdout.take().unwrap()));
-    let mut next = || lines.next().unwrap().unwrap();
-    assert_eq!(next(), "connected");
-    assert_eq!(next(), "echo", "the connection works");
+    let mut chat = Chat::start(&env.node, 8082);
+    assert_eq!(chat.next(), "connected");
+    assert_eq!(chat.next(), "echo", "the connection works");
     dp.set_policy(&[key(400, false, 8082), key(400, false, 9999)])
         .unwrap();
     for _ in 0..3 {
-        assert_eq!(next(), "echo", "still allowed: the connection goes on");
+        assert_eq!(chat.next(), "echo", "still allowed: the connection goes on");
     }
     dp.set_policy(&[key(400, false, 9999)]).unwrap();
-    let after: Vec<String> = (0..6).map(|_| next()).collect();
-    let _ = chat.kill();
-    let _ = chat.wait();
+    let after: Vec<String> = (0..6).map(|_| chat.next()).collect();
+    drop(chat);
     assert!(
         after.iter().skip(1).all(|l| l == "timeout"),
         "no longer allowed: the established connection is cut: {after:?}"
     );
 
+    // The same with the endpoint's egress unenforced and a server that keeps talking: its
+    // packets after the cut must not found a flow through which the client's packets would
+    // come back in as "replies".
+    dp.set_config(EndpointConfig {
+        egress_enforced: 0,
+        ..cfg
+    })
+    .unwrap();
+    dp.set_policy(&[key(400, false, 8083)]).unwrap();
+    let mut chat = Chat::start(&env.node, 8083);
+    assert_eq!(chat.next(), "connected");
+    assert_eq!(chat.next(), "echo");
+    dp.set_policy(&[key(400, false, 9999)]).unwrap();
+    let after: Vec<String> = (0..8).map(|_| chat.next()).collect();
+    drop(chat);
+    assert!(
+        after.iter().skip(1).all(|l| l == "timeout"),
+        "cut, although the server kept sending: {after:?}"
+    );
+    dp.set_config(cfg).unwrap();
+
     // A restarted agent adopts the pinned map: it reads what the kernel holds once and only
     // writes the difference.
     let revision = dp.config().policy_revision;
-    std::mem::drop(dp);
+    drop(dp);
     let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg).unwrap();
     assert_eq!(
         dp.config().policy_revision,

@@ -55,6 +55,18 @@ mod prog {
         proto: u8,
         sport: u16,
         dport: u16,
+        /// TCP flags (0 for other protocols).
+        tcp_flags: u8,
+    }
+
+    const TCP_SYN: u8 = 0x02;
+    const TCP_ACK: u8 = 0x10;
+
+    impl Packet {
+        /// A TCP packet that does not open a connection (anything but a bare SYN).
+        fn tcp_midstream(&self) -> bool {
+            self.proto == 6 && self.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN
+        }
     }
 
     /// Headers read straight from the packet (no helper call per field); a packet whose
@@ -75,19 +87,22 @@ mod prog {
         let proto = eth[14 + 9];
         let saddr = [eth[26], eth[27], eth[28], eth[29]];
         let daddr = [eth[30], eth[31], eth[32], eth[33]];
-        let (sport, dport) = if proto == 6 || proto == 17 || proto == 132 {
+        let (sport, dport, tcp_flags) = if proto == 6 || proto == 17 || proto == 132 {
             let l4 = start + 14 + ihl;
-            if l4 + 4 > end {
+            // Ports, and for TCP the flags byte (offset 13).
+            let need = if proto == 6 { 14 } else { 4 };
+            if l4 + need > end {
                 return parse_slow(ctx);
             }
             // SAFETY: bounds checked against data_end just above.
-            let ports = unsafe { core::slice::from_raw_parts(l4 as *const u8, 4) };
+            let h = unsafe { core::slice::from_raw_parts(l4 as *const u8, need) };
             (
-                u16::from_be_bytes([ports[0], ports[1]]),
-                u16::from_be_bytes([ports[2], ports[3]]),
+                u16::from_be_bytes([h[0], h[1]]),
+                u16::from_be_bytes([h[2], h[3]]),
+                if proto == 6 { h[13] } else { 0 },
             )
         } else {
-            (0, 0)
+            (0, 0, 0)
         };
         Some(Packet {
             saddr,
@@ -95,6 +110,7 @@ mod prog {
             proto,
             sport,
             dport,
+            tcp_flags,
         })
     }
 
@@ -116,12 +132,18 @@ mod prog {
         } else {
             (0, 0)
         };
+        let tcp_flags: u8 = if proto == 6 {
+            ctx.load(14 + ihl + 13).ok()?
+        } else {
+            0
+        };
         Some(Packet {
             saddr,
             daddr,
             proto,
             sport,
             dport,
+            tcp_flags,
         })
     }
 
@@ -261,6 +283,13 @@ mod prog {
             }
         };
         if !enforced {
+            // Passing through an unenforced direction remembers only flows it opens: a TCP
+            // packet from the middle of a connection (say, the server's after its client was
+            // cut off by a policy change) must not found a flow that would pass the client's
+            // packets back in as "replies".
+            if p.tcp_midstream() {
+                return TC_ACT_OK as i32;
+            }
             return allow(&p);
         }
         let specific = lookup(remote, egress, &p);

@@ -68,7 +68,10 @@ pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
                     .get_or_insert_with(BTreeMap::new)
                     .insert(key(&o), cep_entries(&o));
             }
-            watcher::Event::InitDone => objects = fresh.take().unwrap_or_default(),
+            watcher::Event::InitDone => {
+                objects = fresh.take().unwrap_or_default();
+                shared.lock().datapath_sources.insert("CiliumEndpoint");
+            }
             watcher::Event::Apply(o) => {
                 objects.insert(key(&o), cep_entries(&o));
             }
@@ -341,6 +344,22 @@ impl Enforcer {
 pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
     loop {
         let wake = shared.compiled.notified();
+        let missing = shared.lock().datapath_sources_missing();
+        if !missing.is_empty() {
+            // Nothing is touched yet: what a previous run pinned keeps enforcing as it was.
+            shared.lock().datapath = meshd_api::ComponentStatus {
+                state: meshd_api::Health::Degraded,
+                message: format!(
+                    "waiting for the first list of {} (pinned programs keep enforcing)",
+                    missing.join(", ")
+                ),
+            };
+            tokio::select! {
+                _ = wake => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+            continue;
+        }
         let result = enforcer.reconcile(&shared);
         shared.lock().datapath = match &result {
             Ok(()) => meshd_api::ComponentStatus {

@@ -50,6 +50,34 @@ pub struct AgentState {
     pub remote_endpoints: BTreeMap<Ipv4Addr, enforce::RemoteEndpoint>,
     /// Whether the eBPF datapath enforces the compiled entries.
     pub datapath: ComponentStatus,
+    /// The watchers the datapath depends on that have listed everything at least once.
+    pub datapath_sources: std::collections::BTreeSet<&'static str>,
+}
+
+/// What must have been listed before the datapath is touched: until then a restarted agent
+/// leaves the pinned programs and maps of its previous run enforcing as they are (an empty
+/// view would open or close everything for a moment).
+pub const DATAPATH_SOURCES: [&str; 5] = [
+    "CiliumNetworkPolicy",
+    "CiliumClusterwideNetworkPolicy",
+    "NetworkPolicy",
+    "CiliumIdentity",
+    "CiliumEndpoint",
+];
+
+impl AgentState {
+    /// The datapath's sources not listed yet (the node list included).
+    pub fn datapath_sources_missing(&self) -> Vec<&'static str> {
+        let mut missing: Vec<&'static str> = DATAPATH_SOURCES
+            .iter()
+            .copied()
+            .filter(|k| !self.datapath_sources.contains(k))
+            .collect();
+        if !self.synced {
+            missing.push("CiliumNode");
+        }
+        missing
+    }
 }
 
 /// What the WireGuard reconciler last saw and did.
@@ -460,6 +488,7 @@ pub async fn run(cfg: AgentConfig) -> Result<()> {
                 state: Health::Disabled,
                 message: "starting".into(),
             },
+            datapath_sources: Default::default(),
         }),
         wake: Notify::new(),
         endpoints_changed: Notify::new(),

@@ -28,6 +28,14 @@ pub enum PolicyKind {
 }
 
 impl PolicyKind {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::CiliumNetworkPolicy => "CiliumNetworkPolicy",
+            Self::CiliumClusterwideNetworkPolicy => "CiliumClusterwideNetworkPolicy",
+            Self::NetworkPolicy => "NetworkPolicy",
+        }
+    }
+
     pub fn resource(self) -> ApiResource {
         let (group, version, kind, plural) = match self {
             Self::CiliumNetworkPolicy => (
@@ -181,6 +189,7 @@ pub async fn watch_policies(client: kube::Client, kind: PolicyKind, shared: Arc<
                     for o in fresh.take().unwrap_or_default() {
                         s.policy.apply(kind, &o);
                     }
+                    s.datapath_sources.insert(kind.kind());
                 }
                 watcher::Event::Apply(o) => {
                     info!(
@@ -191,7 +200,11 @@ pub async fn watch_policies(client: kube::Client, kind: PolicyKind, shared: Arc<
                     s.policy.apply(kind, &o);
                 }
                 watcher::Event::Delete(o) => {
-                    info!(?kind, name = ?o.metadata.name, "policy deleted");
+                    info!(
+                        ?kind,
+                        name = o.metadata.name.as_deref().unwrap_or(""),
+                        "policy deleted"
+                    );
                     s.policy.delete(kind, &o);
                 }
             }
@@ -218,7 +231,10 @@ pub async fn watch_identities(client: kube::Client, shared: Arc<Shared>) {
                         fresh.get_or_insert_with(BTreeMap::new).insert(i.id, i);
                     }
                 }
-                watcher::Event::InitDone => s.policy.identities = fresh.take().unwrap_or_default(),
+                watcher::Event::InitDone => {
+                    s.policy.identities = fresh.take().unwrap_or_default();
+                    s.datapath_sources.insert("CiliumIdentity");
+                }
                 watcher::Event::Apply(o) => {
                     if let Some(i) = identity_from(&o) {
                         s.policy.identities.insert(i.id, i);
