@@ -300,6 +300,8 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
         }
         info!("waiting for every node to route to every other");
         wait_converged(&lab, Duration::from_secs(60)).await?;
+        info!("waiting for a pod of every node to reach a pod of every other");
+        wait_reachable(&lab, Duration::from_secs(60))?;
         Ok::<_, anyhow::Error>(())
     }
     .await;
@@ -676,6 +678,44 @@ pub async fn wait_converged(lab: &LabState, timeout: Duration) -> Result<()> {
     bail!(
         "the lab did not converge within {timeout:?}; still waiting for: {waiting}(see their agent logs)"
     )
+}
+
+/// Pings from the first pod of every node to the first pod of every other until all answer:
+/// routes alone are not a working lab (with WireGuard, the first packet between two nodes waits
+/// for a handshake, which a loaded machine may have to retry after 5 s).
+pub fn wait_reachable(lab: &LabState, timeout: Duration) -> Result<()> {
+    let firsts: Vec<&PodState> = lab.nodes.iter().filter_map(|n| n.pods.first()).collect();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let failing: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = firsts
+                .iter()
+                .flat_map(|a| firsts.iter().map(move |b| (*a, *b)))
+                .filter(|(a, b)| a.name != b.name)
+                .map(|(a, b)| {
+                    s.spawn(move || {
+                        let ok = lab
+                            .exec(&a.name, &["ping", "-c", "1", "-W", "2", &b.ip.to_string()])
+                            .is_ok_and(|o| o.status.success());
+                        (!ok).then(|| format!("{} -> {}", a.name, b.name))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok().flatten())
+                .collect()
+        });
+        if failing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "pods cannot reach each other after {timeout:?}: {} (see `meshd lab status` and the agent logs)",
+                failing.join(", ")
+            );
+        }
+    }
 }
 
 /// Waits until the agent answers on its socket and has published its CiliumNode.

@@ -124,7 +124,12 @@ impl Drop for Lab {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Keep the logs of a failed test for the post-mortem.
-            let keep = format!("{}/lab-logs/{}", env!("CARGO_TARGET_TMPDIR"), self.0);
+            let keep = format!(
+                "{}/{}",
+                std::env::var("MESHD_LAB_LOGS")
+                    .unwrap_or_else(|_| format!("{}/lab-logs", env!("CARGO_TARGET_TMPDIR"))),
+                self.0
+            );
             let _ = std::fs::remove_dir_all(&keep);
             let _ = Command::new("sh")
                 .args([

@@ -402,8 +402,15 @@ fn run_vm(script: &str) -> Result<i32> {
         .ok()
         .and_then(|s| s.trim().parse().ok());
     match rc {
-        Some(rc) => {
+        Some(0) => {
             let _ = std::fs::remove_dir_all(&scratch);
+            Ok(0)
+        }
+        Some(rc) => {
+            eprintln!(
+                "xtask vm-test: the VM's output and kept lab logs are in {}",
+                scratch.display()
+            );
             Ok(rc)
         }
         None => bail!(
@@ -428,7 +435,7 @@ fn vm_test(args: &[String]) -> Result<()> {
     };
     let filter = filters.join(" ");
     let script = format!(
-        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
+        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
         bin.display(),
         filter
     );
