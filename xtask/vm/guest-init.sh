@@ -23,8 +23,17 @@ OUT=/dev/hvc0; [ -c $OUT ] || OUT=/dev/console
 exec 3<>$OUT
 stty -onlcr <&3 2>/dev/console
 cd "${KLAB_CWD:-$KLAB_SCRATCH}" 2>/dev/null || cd "$KLAB_SCRATCH"
-{ /bin/sh "$KLAB_CMD"; echo $? > /run/vm_rc; } 2>&1 | tee "$KLAB_SCRATCH/output.log" >&3
-rc=$(cat /run/vm_rc)
+# The command's output goes to a file that the console follows until the command exits: a
+# process the command leaves behind cannot hold the VM open (as it could hold a pipe).
+: > /run/output.log
+{ /bin/sh "$KLAB_CMD" > /run/output.log 2>&1; echo $? > /run/vm_rc; } &
+main=$!
+tail -n +1 -f --pid=$main /run/output.log >&3 2>/dev/null
+wait $main
+rc=$(cat /run/vm_rc 2>/dev/null || echo 99)
+left=$(ps -eo pid=,args= | awk '$2 !~ /^\[/ && $1 != 1 && $1 != '"$$"' {print}' | grep -v -e "ps -eo" -e awk -e "tail -n")
+[ -n "$left" ] && printf 'vm: processes left running after the command:\n%s\n' "$left" | tee -a /run/output.log >&3
+cp /run/output.log "$KLAB_SCRATCH/output.log"
 echo "$rc" > "$KLAB_SCRATCH/exit_code"
 sync
 umount "$KLAB_SCRATCH" 2>/dev/null

@@ -192,6 +192,33 @@ threading.Event().wait()\n";
         connects(&env.node, 8080),
         "the servers answer before any program is attached"
     );
+    // IPv6 (which the policy does not cover yet) works before enforcement.
+    for (ns, addr) in [(&env.pod, "fd00:200::2/64"), (&env.node, "fd00:200::1/64")] {
+        let dev = if ns == &env.pod { "eth0" } else { "lxctest" };
+        sh(&[
+            "ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad",
+        ]);
+    }
+    let ping6 = |ns: &str| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "ping",
+                "-6",
+                "-c",
+                "1",
+                "-W",
+                "1",
+                "fd00:200::2",
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ping6(&env.node), "IPv6 answers before any program");
 
     // Attach from inside the node namespace (this thread only).
     let f = std::fs::File::open(format!("/run/netns/{}", env.node)).unwrap();
@@ -244,6 +271,10 @@ threading.Event().wait()\n";
     }
 
     // Enforced with no entries: dropped, reason 133, identities in the event.
+    assert!(
+        !ping6(&env.node),
+        "IPv6 is dropped where a direction is enforced, not let past the policy"
+    );
     assert!(!connects(&env.node, 8080));
     let ev = drain(&mut events);
     let dropped = ev

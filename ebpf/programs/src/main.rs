@@ -114,6 +114,25 @@ mod prog {
         })
     }
 
+    /// Policy is IPv4-only for now: IPv6 in a direction a policy enforces is dropped (failing
+    /// closed rather than letting it bypass the policy); ARP and the rest pass.
+    #[inline(never)]
+    fn not_ipv4(ctx: &TcContext, egress: bool) -> i32 {
+        let ipv6 = ctx.load::<u16>(12).is_ok_and(|t| u16::from_be(t) == 0x86dd);
+        let enforced = CONFIG.get(0).is_some_and(|c| {
+            if egress {
+                c.egress_enforced != 0
+            } else {
+                c.ingress_enforced != 0
+            }
+        });
+        if ipv6 && enforced {
+            TC_ACT_SHOT as i32
+        } else {
+            TC_ACT_OK as i32
+        }
+    }
+
     #[inline(never)]
     fn parse_slow(ctx: &TcContext) -> Option<Packet> {
         let ethertype: u16 = u16::from_be(ctx.load(12).ok()?);
@@ -199,7 +218,7 @@ mod prog {
 
     fn verdict(ctx: &TcContext, egress: bool) -> i32 {
         let Some(p) = parse(ctx) else {
-            return TC_ACT_OK as i32;
+            return not_ipv4(ctx, egress);
         };
         // Conntrack: replies and later packets of a flow this endpoint allowed pass without a
         // policy lookup, as long as the endpoint's policy has not changed since.
