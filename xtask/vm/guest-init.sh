@@ -31,7 +31,7 @@ main=$!
 tail -n +1 -f --pid=$main /run/output.log >&3 2>/dev/null
 wait $main
 rc=$(cat /run/vm_rc 2>/dev/null || echo 99)
-left=$(ps -eo pid=,args= | awk '$2 !~ /^\[/ && $1 != 1 && $1 != '"$$"' {print}' | grep -v -e "ps -eo" -e awk -e "tail -n")
+left=$(ps -eo pid=,args= | awk '$2 !~ /^\[/ && $1 != 1 && $1 != '"$$"' {print}' | grep -v -e "ps -eo" -e awk -e "tail -n" -e guest-init.sh)
 [ -n "$left" ] && printf 'vm: processes left running after the command:\n%s\n' "$left" | tee -a /run/output.log >&3
 cp /run/output.log "$KLAB_SCRATCH/output.log"
 echo "$rc" > "$KLAB_SCRATCH/exit_code"

@@ -200,14 +200,16 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
             target,
             command,
         } => {
+            use std::os::unix::process::CommandExt as _;
             let lab = LabState::load(&name)?;
             let prefix = lab.enter(&target)?;
-            let status = std::process::Command::new(&prefix[0])
+            // Replaced by nsenter, which is replaced by the command: a signal to this process
+            // reaches the command, and nothing is left behind when it is killed.
+            let e = std::process::Command::new(&prefix[0])
                 .args(&prefix[1..])
                 .args(&command)
-                .status()
-                .with_context(|| format!("running {command:?} in {target}"))?;
-            std::process::exit(status.code().unwrap_or(1));
+                .exec();
+            Err(e).with_context(|| format!("running {command:?} in {target}"))
         }
         LabCommand::Capture { name, pings } => {
             need_root()?;
