@@ -617,7 +617,7 @@ fn bench(args: &[String]) -> Result<()> {
         .map(|t| t.join("release").join("meshd"))
         .context("target dir")?;
     if what == Some("datapath") {
-        return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 5));
+        return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 8));
     }
     let secs = flag("--seconds", 10);
     let tools = bench_tools();
