@@ -90,6 +90,52 @@ pub struct Enforcer {
     events: Option<datapath::Events>,
     /// The shared ipcache, once a program instance has created (or an earlier run left) its pin.
     ipcache: Option<datapath::Ipcache>,
+    node_ids: NodeIds,
+    /// Whether the node ids of an earlier run were read back from the pinned ipcache.
+    node_ids_seeded: bool,
+}
+
+/// Node ids as the ipcache and the auth keys carry them: this agent's own numbering (as in
+/// Cilium), given to a node when it appears and kept while it exists, across agent restarts too
+/// (read back from the pinned ipcache). Numbers are not handed out again soon after a node
+/// leaves, so an auth entry of a gone node cannot stand for a newcomer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIds {
+    ids: BTreeMap<Ipv4Addr, u16>,
+    /// The last number handed out.
+    last: u16,
+}
+
+impl NodeIds {
+    /// Takes over an id an earlier run gave `ip`.
+    pub fn seed(&mut self, ip: Ipv4Addr, id: u16) {
+        if id != 0 && !self.ids.values().any(|v| *v == id) {
+            self.ids.entry(ip).or_insert(id);
+            self.last = self.last.max(id);
+        }
+    }
+
+    /// Keeps exactly `nodes`: known ones keep their id, new ones get the next free number.
+    pub fn update(&mut self, nodes: &BTreeSet<Ipv4Addr>) -> &BTreeMap<Ipv4Addr, u16> {
+        self.ids.retain(|ip, _| nodes.contains(ip));
+        for ip in nodes {
+            if self.ids.contains_key(ip) {
+                continue;
+            }
+            let used: BTreeSet<u16> = self.ids.values().copied().collect();
+            // After the last one handed out, wrapping around (0 means "no node").
+            let next = (1..=u16::MAX)
+                .map(|k| {
+                    ((u32::from(self.last) + u32::from(k) - 1) % u32::from(u16::MAX) + 1) as u16
+                })
+                .find(|id| !used.contains(id));
+            if let Some(id) = next {
+                self.ids.insert(*ip, id);
+                self.last = id;
+            }
+        }
+        &self.ids
+    }
 }
 
 fn to_kernel(c: &policy::Compiled) -> Vec<(u32, PolicyKey, PolicyValue)> {
@@ -125,16 +171,28 @@ impl Enforcer {
             endpoints: BTreeMap::new(),
             events: None,
             ipcache: None,
+            node_ids: NodeIds::default(),
+            node_ids_seeded: false,
         }
     }
 
     /// One pass; returns a problem to report, if any.
     fn reconcile(&mut self, shared: &Shared) -> Result<(), String> {
+        if !self.node_ids_seeded {
+            // Node addresses (host, remote-node) carry the ids an earlier run gave them.
+            if let Ok(entries) = datapath::read_ipcache(&self.pin_dir) {
+                for (addr, prefix, v) in entries {
+                    if prefix == 32 && (v.identity == 1 || v.identity == 6) {
+                        self.node_ids.seed(Ipv4Addr::from(addr), v.node_id);
+                    }
+                }
+            }
+            self.node_ids_seeded = true;
+        }
         let (eps, identities, compiled, desired_ipcache) = {
             let s = shared.lock();
             let mut cache: BTreeMap<(Ipv4Addr, u32), IpcacheValue> = BTreeMap::new();
-            // Node ids are this agent's own numbering (auth keys are per node pair here).
-            let node_ids: BTreeMap<Ipv4Addr, u16> = s
+            let node_ips: BTreeSet<Ipv4Addr> = s
                 .table
                 .nodes
                 .values()
@@ -142,9 +200,8 @@ impl Enforcer {
                     Some(std::net::IpAddr::V4(ip)) => Some(ip),
                     _ => None,
                 })
-                .enumerate()
-                .map(|(i, ip)| (ip, i as u16 + 1))
                 .collect();
+            let node_ids = self.node_ids.update(&node_ips).clone();
             for (ip, id) in &node_ids {
                 let identity = if std::net::IpAddr::V4(*ip) == s.own.internal_ip {
                     1
@@ -390,5 +447,48 @@ pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(last: &[u8]) -> BTreeSet<Ipv4Addr> {
+        last.iter().map(|i| Ipv4Addr::new(198, 18, 0, *i)).collect()
+    }
+
+    #[test]
+    fn node_ids_are_stable_and_not_reused_soon() {
+        let mut n = NodeIds::default();
+        let first = n.update(&ips(&[12, 13])).clone();
+        assert_eq!(first.values().copied().collect::<Vec<_>>(), [1, 2]);
+        // A node whose address sorts first joins: nobody is renumbered.
+        let second = n.update(&ips(&[11, 12, 13])).clone();
+        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 12)], 1);
+        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 13)], 2);
+        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 11)], 3);
+        // A node leaves and another joins: the newcomer does not get the gone node's number.
+        let third = n.update(&ips(&[11, 13, 14])).clone();
+        assert_eq!(third[&Ipv4Addr::new(198, 18, 0, 14)], 4);
+        assert!(!third.values().any(|v| *v == 1));
+    }
+
+    #[test]
+    fn node_ids_are_taken_over_from_an_earlier_run_and_wrap() {
+        let mut n = NodeIds::default();
+        n.seed(Ipv4Addr::new(198, 18, 0, 12), 7);
+        n.seed(Ipv4Addr::new(198, 18, 0, 13), 7); // a duplicate is ignored
+        let ids = n.update(&ips(&[12, 13])).clone();
+        assert_eq!(ids[&Ipv4Addr::new(198, 18, 0, 12)], 7);
+        assert_eq!(ids[&Ipv4Addr::new(198, 18, 0, 13)], 8);
+        let mut n = NodeIds::default();
+        n.seed(Ipv4Addr::new(198, 18, 0, 12), u16::MAX);
+        let ids = n.update(&ips(&[12, 13])).clone();
+        assert_eq!(
+            ids[&Ipv4Addr::new(198, 18, 0, 13)],
+            1,
+            "wraps past 65535, skipping 0"
+        );
     }
 }
