@@ -1233,10 +1233,17 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
     });
     std::thread::sleep(Duration::from_millis(500));
     assert!(!tcp_connects(&lab, "other-1", web, 8080));
-    let line = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("a drop event from meshd monitor");
-    let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+    // The first event for port 8080 (a late SYN retransmission of an earlier denied attempt
+    // may come first).
+    let (line, ev) = loop {
+        let line = rx
+            .recv_timeout(scaled(Duration::from_secs(5)))
+            .expect("a drop event for port 8080 from meshd monitor");
+        let ev: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if ev["dport"] == 8080 {
+            break (line, ev);
+        }
+    };
     let other_id = lab.kubectl(&[
         "get",
         "cep",
