@@ -1408,12 +1408,7 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         },
     );
     let field = |name: &str| -> String {
-        let plain = line
-            .replace("\u{1b}[3m", "")
-            .replace("\u{1b}[0m", "")
-            .replace("\u{1b}[2m", "");
-        plain
-            .split_whitespace()
+        line.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{name}=")))
             .unwrap_or("")
             .to_string()

@@ -203,12 +203,7 @@ fn now() -> f64 {
 fn agent_update(entries: usize, since: f64) -> Option<(f64, f64)> {
     let log =
         std::fs::read_to_string(format!("/run/meshd-lab/{LAB}/nodes/node-1/agent.log")).ok()?;
-    let plain = log
-        .replace("\u{1b}[3m", "")
-        .replace("\u{1b}[0m", "")
-        .replace("\u{1b}[2m", "");
-    plain
-        .lines()
+    log.lines()
         .filter(|l| l.contains("policy map updated") && l.contains("lxcsrv"))
         .filter(|l| l.contains(&format!("entries={entries} ")))
         .filter_map(|l| {
