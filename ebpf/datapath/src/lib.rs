@@ -52,6 +52,28 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError 
     move |source| DatapathError::Map { name, source }
 }
 
+/// Every entry of an LPM trie: (prefix length, key data, value).
+fn lpm_entries<T: std::borrow::Borrow<MapData>, K: aya::Pod, V: aya::Pod>(
+    trie: &LpmTrie<T, K, V>,
+    name: &'static str,
+) -> Result<Vec<(u32, K, V)>, DatapathError> {
+    trie.iter()
+        .map(|r| {
+            r.map(|(k, v)| (k.prefix_len(), k.data(), v))
+                .map_err(map_err(name))
+        })
+        .collect()
+}
+
+/// An LPM trie pinned at `path`, opened without loading any program.
+fn pinned_lpm<K: aya::Pod, V: aya::Pod>(
+    path: &Path,
+    name: &'static str,
+) -> Result<LpmTrie<MapData, K, V>, DatapathError> {
+    let data = MapData::from_pin(path).map_err(map_err(name))?;
+    LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err(name))
+}
+
 /// One endpoint's programs and maps; dropping it detaches them.
 pub struct EndpointDatapath {
     ebpf: Ebpf,
@@ -337,12 +359,7 @@ impl EndpointDatapath {
             .ok_or(DatapathError::MissingMap("POLICY"))?;
         let trie: LpmTrie<&MapData, PolicyKey, PolicyValue> =
             LpmTrie::try_from(map).map_err(map_err("POLICY"))?;
-        trie.iter()
-            .map(|r| {
-                r.map(|(k, v)| (k.prefix_len(), k.data(), v))
-                    .map_err(map_err("POLICY"))
-            })
-            .collect()
+        lpm_entries(&trie, "POLICY")
     }
 
     pub fn ipcache_upsert(
@@ -460,19 +477,6 @@ impl EndpointDatapath {
             remove_endpoint_pins(&p, &interface);
         }
     }
-
-    pub fn ipcache_remove(&mut self, addr: [u8; 4], prefix: u32) -> Result<(), DatapathError> {
-        let map = self
-            .ebpf
-            .map_mut("MESHD_IPCACHE")
-            .ok_or(DatapathError::MissingMap("MESHD_IPCACHE"))?;
-        let mut trie: LpmTrie<&mut MapData, [u8; 4], IpcacheValue> =
-            LpmTrie::try_from(map).map_err(map_err("MESHD_IPCACHE"))?;
-        match trie.remove(&Key::new(prefix, addr)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err("MESHD_IPCACHE")(e)),
-        }
-    }
 }
 
 /// The pinned auth map, opened without loading any program (as `cilium-dbg bpf auth` does).
@@ -504,10 +508,7 @@ pub struct Ipcache {
 
 impl Ipcache {
     pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
-        let data =
-            MapData::from_pin(pin_dir.join("MESHD_IPCACHE")).map_err(map_err("MESHD_IPCACHE"))?;
-        let trie =
-            LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("MESHD_IPCACHE"))?;
+        let trie = pinned_lpm(&pin_dir.join("MESHD_IPCACHE"), "MESHD_IPCACHE")?;
         Ok(Self {
             trie,
             written: None,
@@ -522,14 +523,10 @@ impl Ipcache {
     ) -> Result<(usize, usize), DatapathError> {
         let current = match self.written.take() {
             Some(w) => w,
-            None => self
-                .trie
-                .iter()
-                .map(|r| {
-                    r.map(|(k, v)| ((k.data(), k.prefix_len()), v))
-                        .map_err(map_err("MESHD_IPCACHE"))
-                })
-                .collect::<Result<_, _>>()?,
+            None => lpm_entries(&self.trie, "MESHD_IPCACHE")?
+                .into_iter()
+                .map(|(prefix, addr, v)| ((addr, prefix), v))
+                .collect(),
         };
         let mut counts = (0, 0);
         for ((addr, prefix), v) in want {
@@ -556,28 +553,15 @@ pub fn read_policy(
     pin_dir: &Path,
     interface: &str,
 ) -> Result<Vec<(u32, PolicyKey, PolicyValue)>, DatapathError> {
-    let data = MapData::from_pin(endpoint_pin_dir(pin_dir, interface).join("POLICY"))
-        .map_err(map_err("POLICY"))?;
-    let trie: LpmTrie<MapData, PolicyKey, PolicyValue> =
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("POLICY"))?;
-    trie.iter()
-        .map(|r| {
-            r.map(|(k, v)| (k.prefix_len(), k.data(), v))
-                .map_err(map_err("POLICY"))
-        })
-        .collect()
+    let path = endpoint_pin_dir(pin_dir, interface).join("POLICY");
+    lpm_entries(&pinned_lpm(&path, "POLICY")?, "POLICY")
 }
 
 /// The pinned ipcache, read without the agent (`meshd bpf ipcache list`).
 pub fn read_ipcache(pin_dir: &Path) -> Result<Vec<([u8; 4], u32, IpcacheValue)>, DatapathError> {
-    let data =
-        MapData::from_pin(pin_dir.join("MESHD_IPCACHE")).map_err(map_err("MESHD_IPCACHE"))?;
-    let trie: LpmTrie<MapData, [u8; 4], IpcacheValue> =
-        LpmTrie::try_from(aya::maps::Map::LpmTrie(data)).map_err(map_err("MESHD_IPCACHE"))?;
-    trie.iter()
-        .map(|r| {
-            r.map(|(k, v)| (k.data(), k.prefix_len(), v))
-                .map_err(map_err("MESHD_IPCACHE"))
-        })
-        .collect()
+    let trie = pinned_lpm(&pin_dir.join("MESHD_IPCACHE"), "MESHD_IPCACHE")?;
+    Ok(lpm_entries(&trie, "MESHD_IPCACHE")?
+        .into_iter()
+        .map(|(prefix, addr, v)| (addr, prefix, v))
+        .collect())
 }
