@@ -1079,7 +1079,7 @@ fn now() -> f64 {
 
 impl Probe {
     fn start(lab: &Lab, pod: &str, ip: &str, port: u16, source: Option<&str>) -> Self {
-        let source = source.map_or("None".to_string(), |s| format!("('{s}', 0)"));
+        let source = source_address(source);
         let timeout = 0.2 * f64::from(time_scale());
         let script = format!(
             "import socket, time\n\
@@ -1437,26 +1437,30 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
         "{line}"
     );
     let node_id = field("remote_node_id");
-    ok(&[
-        "lab",
-        "exec",
-        "--name",
-        &lab.0,
-        "node-1",
-        "--",
-        MESHD,
-        "bpf",
-        "auth",
-        "add",
-        "--local",
-        &web_id,
-        "--remote",
-        &client_id,
-        "--remote-node-id",
-        &node_id,
-        "--expires-in",
-        "60",
-    ]);
+    // `meshd bpf auth add` on node-1 for (web, client, node) expiring in `secs` seconds.
+    let auth_add = |secs: &str| {
+        ok(&[
+            "lab",
+            "exec",
+            "--name",
+            &lab.0,
+            "node-1",
+            "--",
+            MESHD,
+            "bpf",
+            "auth",
+            "add",
+            "--local",
+            &web_id,
+            "--remote",
+            &client_id,
+            "--remote-node-id",
+            &node_id,
+            "--expires-in",
+            secs,
+        ])
+    };
+    auth_add("60");
     assert!(
         tcp_connects(&lab, "client-1", web, 8081),
         "passes once authenticated"
@@ -1468,26 +1472,7 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
             && list.contains("spire"),
         "{list}"
     );
-    ok(&[
-        "lab",
-        "exec",
-        "--name",
-        &lab.0,
-        "node-1",
-        "--",
-        MESHD,
-        "bpf",
-        "auth",
-        "add",
-        "--local",
-        &web_id,
-        "--remote",
-        &client_id,
-        "--remote-node-id",
-        &node_id,
-        "--expires-in",
-        "0",
-    ]);
+    auth_add("0");
     assert!(
         !tcp_connects(&lab, "client-1", web, 8081),
         "dropped again after expiry"
@@ -1688,9 +1673,14 @@ fn policy_selectors_over_real_traffic() {
     );
 }
 
+/// Python's `source_address` argument for an optional local address.
+fn source_address(source: Option<&str>) -> String {
+    source.map_or("None".to_string(), |s| format!("('{s}', 0)"))
+}
+
 /// A TCP connection from `from` (from the address `source`, if given) to ip:port.
 fn tcp_connects_from(lab: &Lab, from: &str, source: Option<&str>, ip: &str, port: u16) -> bool {
-    let source = source.map_or("None".to_string(), |s| format!("('{s}', 0)"));
+    let source = source_address(source);
     let script = format!(
         "import socket; socket.create_connection(('{ip}', {port}), timeout={}, source_address={source}).close()",
         time_scale()
