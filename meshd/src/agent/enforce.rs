@@ -401,16 +401,22 @@ impl Enforcer {
 pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
     loop {
         let wake = shared.compiled.notified();
-        let missing = shared.lock().datapath_sources_missing();
-        if !missing.is_empty() {
-            // Nothing is touched yet: what a previous run pinned keeps enforcing as it was.
-            shared.lock().datapath = meshd_api::ComponentStatus {
-                state: meshd_api::Health::Degraded,
-                message: format!(
-                    "waiting for the first list of {} (pinned programs keep enforcing)",
-                    missing.join(", ")
-                ),
-            };
+        let waiting = {
+            let mut s = shared.lock();
+            let missing = s.datapath_sources_missing();
+            if !missing.is_empty() {
+                // Nothing is touched yet: what a previous run pinned keeps enforcing as it was.
+                s.datapath = meshd_api::ComponentStatus {
+                    state: meshd_api::Health::Degraded,
+                    message: format!(
+                        "waiting for the first list of {} (pinned programs keep enforcing)",
+                        missing.join(", ")
+                    ),
+                };
+            }
+            !missing.is_empty()
+        };
+        if waiting {
             tokio::select! {
                 _ = wake => {}
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
