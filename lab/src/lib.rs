@@ -1,5 +1,5 @@
 //! meshd's lab: a Kubernetes-compatible API server and a cluster of nodes and pods in network
-//! namespaces, driven by `meshd lab …` and by the end-to-end tests.
+//! namespaces, driven by `meshd-lab …` and by the end-to-end tests.
 
 pub mod apiserver;
 pub mod pki;

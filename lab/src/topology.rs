@@ -71,11 +71,23 @@ pub struct LabState {
     pub apiserver_pid: Option<i32>,
     pub admin_port: u16,
     pub nodes: Vec<NodeState>,
-    /// The `meshd` binary the lab runs (the one that created it).
+    /// The `meshd` binary the lab's agents run.
     pub meshd: PathBuf,
+    /// The `meshd-lab` binary that created the lab (it runs the API server).
+    #[serde(default)]
+    pub lab: PathBuf,
     /// Whether the world host exists (labs made before it was added have none).
     #[serde(default)]
     pub world: bool,
+}
+
+/// The binaries a lab runs.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `meshd`: the node agents.
+    pub meshd: PathBuf,
+    /// `meshd-lab`: the lab API server.
+    pub lab: PathBuf,
 }
 
 /// Options for `lab up`.
@@ -225,7 +237,7 @@ impl LabState {
             ]);
         }
         bail!(
-            "lab {:?} has no node or pod named {target:?} (see `meshd lab status`)",
+            "lab {:?} has no node or pod named {target:?} (see `meshd-lab status`)",
             self.name
         )
     }
@@ -268,14 +280,14 @@ fn quiet_ipv6(netns: &str) -> Result<()> {
 }
 
 /// Brings up a lab: namespaces, API server, agents, pods. On failure it tears down what it made.
-pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
+pub async fn up(opts: &UpOptions, bins: &Binaries) -> Result<LabState> {
     check_name(&opts.name)?;
     if !(1..=50).contains(&opts.nodes) || opts.pods_per_node > 26 {
         bail!("a lab has 1-50 nodes and 0-26 pods per node");
     }
     if lab_dir(&opts.name).join("lab.json").exists() {
         bail!(
-            "lab {:?} is already up; `meshd lab down --name {}` first",
+            "lab {:?} is already up; `meshd-lab down --name {}` first",
             opts.name,
             opts.name
         );
@@ -287,7 +299,8 @@ pub async fn up(opts: &UpOptions, meshd: &Path) -> Result<LabState> {
         apiserver_pid: None,
         admin_port: 0,
         nodes: Vec::new(),
-        meshd: meshd.to_path_buf(),
+        meshd: bins.meshd.clone(),
+        lab: bins.lab.clone(),
         world: false,
     };
     lab.save()?;
@@ -351,8 +364,8 @@ fn build_hub(lab: &mut LabState) -> Result<()> {
     info!("starting the lab API server");
     let log = fs::File::create(dir.join("apiserver.log"))?;
     let port_file = dir.join("apiserver.port");
-    let child = Command::new(&lab.meshd)
-        .args(["lab", "apiserver", "--dir"])
+    let child = Command::new(&lab.lab)
+        .args(["apiserver", "--dir"])
         .arg(&dir)
         .arg("--netns")
         .arg(format!("/run/netns/{hub}"))
@@ -711,7 +724,7 @@ pub fn wait_reachable(lab: &LabState, timeout: Duration) -> Result<()> {
         }
         if Instant::now() > deadline {
             bail!(
-                "pods cannot reach each other after {timeout:?}: {} (see `meshd lab status` and the agent logs)",
+                "pods cannot reach each other after {timeout:?}: {} (see `meshd-lab status` and the agent logs)",
                 failing.join(", ")
             );
         }

@@ -1,4 +1,5 @@
-//! `meshd`: the node agent, its CLI, and the lab.
+//! `meshd`: the node agent and its CLI. The lab is a binary of its own (`meshd-lab`) that this
+//! one never links.
 
 mod agent;
 mod cli;
@@ -78,11 +79,6 @@ enum Command {
         #[command(subcommand)]
         command: cli::EndpointCommand,
     },
-    /// The local lab: a cluster of nodes and pods in network namespaces.
-    Lab {
-        #[command(subcommand)]
-        command: cli::lab::LabCommand,
-    },
 }
 
 fn init_tracing(json: bool) {
@@ -130,13 +126,7 @@ fn main() -> std::process::ExitCode {
     } else {
         let cli = Cli::parse_from(argv);
         init_tracing(false);
-        let daemon = matches!(
-            cli.command,
-            Command::WireguardUserspace { .. }
-                | Command::Lab {
-                    command: cli::lab::LabCommand::Apiserver { .. }
-                }
-        );
+        let daemon = matches!(cli.command, Command::WireguardUserspace { .. });
         if !daemon {
             default_sigpipe();
         }
@@ -170,7 +160,6 @@ fn main() -> std::process::ExitCode {
                     .await?
                     .map_err(Into::into)
                 }
-                Command::Lab { command } => cli::lab::run(command).await,
             }
         })
     };

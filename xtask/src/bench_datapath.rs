@@ -31,9 +31,8 @@ fn out(cmd: &mut Command) -> Result<String> {
 }
 
 fn lab_exec(meshd: &Path, target: &str, argv: &[&str]) -> Command {
-    let mut c = Command::new(meshd);
-    c.args(["lab", "exec", "--name", LAB, target, "--"])
-        .args(argv);
+    let mut c = Command::new(crate::lab_bin(meshd));
+    c.args(["exec", "--name", LAB, target, "--"]).args(argv);
     c
 }
 
@@ -254,13 +253,12 @@ fn bpftool_batch_seconds(meshd: &Path) -> Result<f64> {
 }
 
 pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
-    let _ = Command::new(meshd)
-        .args(["lab", "down", "--name", LAB])
+    let _ = Command::new(crate::lab_bin(meshd))
+        .args(["down", "--name", LAB])
         .output();
     let result = (|| -> Result<()> {
         eprintln!("xtask bench datapath: lab {LAB}: node-1 with meshd, node-2 without an agent");
-        out(Command::new(meshd).args([
-            "lab",
+        out(Command::new(crate::lab_bin(meshd)).args([
             "up",
             "--name",
             LAB,
@@ -271,8 +269,7 @@ pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
             "--encryption",
             "none",
         ]))?;
-        out(Command::new(meshd).args([
-            "lab",
+        out(Command::new(crate::lab_bin(meshd)).args([
             "node",
             "add",
             "--name",
@@ -287,8 +284,8 @@ pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
             ("node-2", "srv2", "app=server"),
             ("node-2", "cli2", "app=client"),
         ] {
-            out(Command::new(meshd).args([
-                "lab", "pod", "add", "--name", LAB, "--node", node, "--label", label, pod,
+            out(Command::new(crate::lab_bin(meshd)).args([
+                "pod", "add", "--name", LAB, "--node", node, "--label", label, pod,
             ]))?;
         }
         let (srv, srv2) = ("198.19.1.10", "198.19.2.10");
@@ -430,8 +427,8 @@ pub fn run(meshd: &Path, secs: u32, rounds: u32) -> Result<()> {
         );
         Ok(())
     })();
-    let _ = Command::new(meshd)
-        .args(["lab", "down", "--name", LAB])
+    let _ = Command::new(crate::lab_bin(meshd))
+        .args(["down", "--name", LAB])
         .output();
     result
 }

@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, Result, bail};
 
 mod bench_datapath;
+mod bench_wg;
 
 /// Debian packages the lab and the tests use.
 const PACKAGES: &[(&str, &str)] = &[
@@ -178,7 +179,7 @@ fn cargo() -> Command {
 }
 
 fn build() -> Result<()> {
-    eprintln!("xtask: building meshd");
+    eprintln!("xtask: building meshd and meshd-lab");
     sh(cargo().args(["build", "--workspace", "--bins"]))
 }
 
@@ -193,6 +194,11 @@ fn meshd_bin() -> std::path::PathBuf {
     target.join("debug").join("meshd")
 }
 
+/// `meshd-lab`, built beside `meshd`.
+fn lab_bin(meshd: &std::path::Path) -> std::path::PathBuf {
+    meshd.with_file_name("meshd-lab")
+}
+
 fn lab(args: &[String]) -> Result<()> {
     setup()?;
     build()?;
@@ -200,12 +206,11 @@ fn lab(args: &[String]) -> Result<()> {
     let meshd = meshd_bin();
     let name = "demo";
     // A previous demo that was kept or crashed.
-    let _ = Command::new(&meshd)
-        .args(["lab", "down", "--name", name])
+    let _ = Command::new(crate::lab_bin(&meshd))
+        .args(["down", "--name", name])
         .status();
     eprintln!("xtask lab: bringing up a 3-node lab with 2 pods per node");
-    sh(Command::new(&meshd).args([
-        "lab",
+    sh(Command::new(crate::lab_bin(&meshd)).args([
         "up",
         "--name",
         name,
@@ -215,28 +220,28 @@ fn lab(args: &[String]) -> Result<()> {
         "2",
     ]))?;
     let result = (|| -> Result<()> {
-        sh(Command::new(&meshd).args(["lab", "status", "--name", name]))?;
+        sh(Command::new(crate::lab_bin(&meshd)).args(["status", "--name", name]))?;
         eprintln!(
             "\nxtask lab: the agent's view on node-1 (`meshd lab exec node-1 -- meshd status`):"
         );
-        sh(Command::new(&meshd)
-            .args(["lab", "exec", "--name", name, "node-1", "--"])
+        sh(Command::new(crate::lab_bin(&meshd))
+            .args(["exec", "--name", name, "node-1", "--"])
             .arg(&meshd)
             .arg("status"))?;
         for node in ["node-1", "node-2", "node-3"] {
             eprintln!("\nxtask lab: `meshd encrypt status` on {node}:");
-            sh(Command::new(&meshd)
-                .args(["lab", "exec", "--name", name, node, "--"])
+            sh(Command::new(crate::lab_bin(&meshd))
+                .args(["exec", "--name", name, node, "--"])
                 .arg(&meshd)
                 .args(["encrypt", "status"]))?;
         }
         eprintln!(
             "\nxtask lab: `wg show` inside node-1 (the userspace device answers the WireGuard UAPI):"
         );
-        sh(Command::new(&meshd)
-            .args(["lab", "exec", "--name", name, "node-1", "--", "wg", "show"]))?;
+        sh(Command::new(crate::lab_bin(&meshd))
+            .args(["exec", "--name", name, "node-1", "--", "wg", "show"]))?;
         eprintln!("\nxtask lab: what crosses the underlay while pods talk across nodes:");
-        sh(Command::new(&meshd).args(["lab", "capture", "--name", name]))?;
+        sh(Command::new(crate::lab_bin(&meshd)).args(["capture", "--name", name]))?;
         Ok(())
     })();
     if keep {
@@ -247,13 +252,52 @@ fn lab(args: &[String]) -> Result<()> {
         );
     } else {
         eprintln!("\nxtask lab: tearing down (use --keep to leave it up)");
-        sh(Command::new(&meshd).args(["lab", "down", "--name", name]))?;
+        sh(Command::new(crate::lab_bin(&meshd)).args(["down", "--name", name]))?;
     }
     result
 }
 
+/// What the tests need that `setup` cannot give: a test that could not run is a failure, so
+/// say up front what is missing instead of failing test by test.
+fn preflight() -> Result<()> {
+    let mut missing = Vec::new();
+    if !nix_is_root() {
+        missing.push(
+            "root (the lab and datapath tests build network namespaces, mounts and eBPF programs)"
+                .to_string(),
+        );
+    }
+    for tool in [
+        "kubectl",
+        "bpftool",
+        "wireguard-go",
+        "wg",
+        "tcpdump",
+        "iperf3",
+        "python3",
+        "qemu-system-x86_64",
+    ] {
+        if which(tool).is_none() {
+            missing.push(format!("`{tool}`"));
+        }
+    }
+    if !std::path::Path::new("/sys/fs/bpf").exists() {
+        missing.push("bpffs at /sys/fs/bpf".into());
+    }
+    if !missing.is_empty() {
+        bail!(
+            "the tests cannot all run here; missing: {} (no test is skipped, so this would fail)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
 fn test(args: &[String]) -> Result<()> {
     setup()?;
+    preflight()?;
+    // The end-to-end tests drive the built binaries (meshd, meshd-lab).
+    build()?;
     eprintln!("xtask test: running every test of the workspace (lab tests need root)");
     sh(cargo().args(["test", "--workspace"]).args(args))?;
     eprintln!("xtask test: the kernel-backend tests, inside a VM running Debian's kernel");
@@ -425,22 +469,29 @@ fn run_vm(script: &str) -> Result<i32> {
 /// and the eBPF policy tests (over kernel WireGuard there).
 fn vm_test(args: &[String]) -> Result<()> {
     setup()?;
-    let bin = test_binary("meshd", "lab")?;
+    build()?;
     // The VM sees this machine's / read-only: mount points the lab needs must exist here.
     std::fs::create_dir_all("/var/lib/meshd")?;
-    let filters: Vec<String> = if args.is_empty() {
-        ["wireguard", "policy", "cidr"].map(String::from).to_vec()
-    } else {
-        args.to_vec()
-    };
-    let filter = filters.join(" ");
-    let script = format!(
-        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\nexec {} {} --test-threads=1 --nocapture\n",
-        bin.display(),
-        filter
+    // The end-to-end test binaries and the tests of each that need a kernel backend.
+    let suites: [(&str, &[&str]); 2] = [("wireguard", &[]), ("policy", &["policy", "cidr"])];
+    let mut script = String::from(
+        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\n",
     );
+    for (suite, default_filters) in suites {
+        let bin = test_binary("meshd-e2e", suite)?;
+        let filters: Vec<&str> = if args.is_empty() {
+            default_filters.to_vec()
+        } else {
+            args.iter().map(String::as_str).collect()
+        };
+        script.push_str(&format!(
+            "{} {} --test-threads=1 --nocapture || exit $?\n",
+            bin.display(),
+            filters.join(" ")
+        ));
+    }
     eprintln!(
-        "xtask vm-test: booting {VM_KERNEL} under QEMU (software emulation) to run `{filter}` lab tests"
+        "xtask vm-test: booting {VM_KERNEL} under QEMU (software emulation) to run the lab tests"
     );
     let rc = run_vm(&script)?;
     if rc != 0 {
@@ -449,151 +500,6 @@ fn vm_test(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// CPU seconds used so far by the processes inside a lab namespace whose command line contains
-/// `needle` (the userspace WireGuard devices).
-fn cpu_seconds(netns: &str, needle: &str) -> f64 {
-    let pids = Command::new("ip")
-        .args(["netns", "pids", netns])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let tick = 100.0;
-    pids.split_whitespace()
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .filter_map(|stat| {
-            let rest = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .collect::<Vec<_>>();
-            // fields after the command: state(0) ... utime(11) stime(12)
-            Some((rest.get(11)?.parse::<f64>().ok()? + rest.get(12)?.parse::<f64>().ok()?) / tick)
-        })
-        .sum()
-}
-
-struct Sample {
-    gbit: f64,
-    bytes: f64,
-    cpu: f64,
-}
-
-/// One tunnel implementation under test.
-struct Contender {
-    label: &'static str,
-    lab: &'static str,
-    /// `lab up --encryption …`.
-    encryption: &'static str,
-    /// For a foreign implementation: the command that starts it on interface `wgb`
-    /// (daemonizing), and the name its processes carry.
-    foreign: Option<(Vec<String>, &'static str)>,
-    /// Which processes' CPU time counts.
-    process: &'static str,
-}
-
-fn bench_tools() -> std::path::PathBuf {
-    meshd_bin()
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|t| t.join("bench-tools"))
-        .unwrap_or_default()
-}
-
-/// Sets up a foreign WireGuard implementation between node-1 and node-2 of `lab` (whose
-/// agents are stopped, leaving their routes, which are then pointed into `wgb`).
-fn setup_foreign(meshd: &std::path::Path, lab: &str, start: &[String]) -> Result<()> {
-    let exec = |node: &str, script: &str| -> Result<String> {
-        let out = Command::new(meshd)
-            .args(["lab", "exec", "--name", lab, node, "--", "sh", "-c", script])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "{node} in {lab}: {script}: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    };
-    let mut keys = Vec::new();
-    for node in ["node-1", "node-2"] {
-        sh(Command::new(meshd).args(["lab", "agent", "--name", lab, "stop", node]))?;
-        let cmd = start
-            .iter()
-            .map(|a| format!("'{a}'"))
-            .collect::<Vec<_>>()
-            .join(" ");
-        keys.push(exec(
-            node,
-            &format!(
-                "export WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1; {cmd} >/var/lib/meshd/bench-tunnel.log 2>&1 && sleep 0.5 && \
-                 umask 077 && wg genkey > /var/lib/meshd/bench.key && wg set wgb private-key /var/lib/meshd/bench.key listen-port 51900 && \
-                 ip link set wgb mtu 1420 up && wg pubkey < /var/lib/meshd/bench.key"
-            ),
-        )?);
-    }
-    for (i, node) in ["node-1", "node-2"].iter().enumerate() {
-        let j = 2 - i; // the other node's index
-        exec(
-            node,
-            &format!(
-                "wg set wgb peer {} endpoint 198.18.0.1{j}:51900 allowed-ips 198.19.{j}.0/24 && ip route replace 198.19.{j}.0/24 dev wgb",
-                keys[1 - i]
-            ),
-        )?;
-    }
-    Ok(())
-}
-
-fn iperf(meshd: &std::path::Path, c: &Contender, streams: u32, secs: u32) -> Result<Sample> {
-    let cpu = |n: &str| cpu_seconds(&format!("meshd-{}-{n}", c.lab), c.process);
-    let before = cpu("node-1") + cpu("node-2");
-    let out = Command::new(meshd)
-        .args([
-            "lab",
-            "exec",
-            "--name",
-            c.lab,
-            "pod-1a",
-            "--",
-            "iperf3",
-            "-c",
-            "198.19.2.10",
-            "-J",
-        ])
-        .args(["-t", &secs.to_string(), "-P", &streams.to_string()])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "iperf3 through {} failed: {}",
-            c.label,
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
-    let cpu = cpu("node-1") + cpu("node-2") - before;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let bps = v
-        .pointer("/end/sum_received/bits_per_second")
-        .and_then(serde_json::Value::as_f64)
-        .context("iperf3 JSON without sum_received")?;
-    let bytes = v
-        .pointer("/end/sum_received/bytes")
-        .and_then(serde_json::Value::as_f64)
-        .unwrap_or(0.0);
-    Ok(Sample {
-        gbit: bps / 1e9,
-        bytes,
-        cpu,
-    })
-}
-
-/// `cargo xtask bench wg`: pod-to-pod iperf3 across two lab nodes through meshd's userspace
-/// WireGuard, wireguard-go, boringtun-cli, gotatun-cli and no encryption, alternating in one
-/// run; prints Gbit/s, CPU-s per GB and the ratios.
 fn bench(args: &[String]) -> Result<()> {
     let flag = |name: &str, default: u32| -> u32 {
         args.iter()
@@ -610,7 +516,7 @@ fn bench(args: &[String]) -> Result<()> {
     }
     setup()?;
     eprintln!("xtask bench: building meshd (release)");
-    sh(cargo().args(["build", "--release", "-p", "meshd"]))?;
+    sh(cargo().args(["build", "--release", "-p", "meshd", "-p", "lab"]))?;
     let meshd = meshd_bin()
         .parent()
         .and_then(|p| p.parent())
@@ -619,146 +525,7 @@ fn bench(args: &[String]) -> Result<()> {
     if what == Some("datapath") {
         return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 8));
     }
-    let secs = flag("--seconds", 10);
-    let tools = bench_tools();
-    for (krate, bin) in [
-        ("gotatun-cli", "gotatun"),
-        ("boringtun-cli", "boringtun-cli"),
-    ] {
-        if !tools.join("bin").join(bin).exists() {
-            eprintln!("xtask bench: installing {krate} into {}", tools.display());
-            sh(cargo().args(["install", "--root"]).arg(&tools).arg(krate))?;
-        }
-    }
-    let tool = |b: &str| tools.join("bin").join(b).display().to_string();
-    let contenders = vec![
-        Contender {
-            label: "no encryption",
-            lab: "b-plain",
-            encryption: "none",
-            foreign: None,
-            process: "-",
-        },
-        Contender {
-            label: "meshd userspace",
-            lab: "b-meshd",
-            encryption: "wireguard",
-            foreign: None,
-            process: "wireguard-userspace",
-        },
-        Contender {
-            label: "wireguard-go",
-            lab: "b-wggo",
-            encryption: "none",
-            foreign: Some((vec!["wireguard-go".into(), "wgb".into()], "wireguard-go")),
-            process: "wireguard-go",
-        },
-        Contender {
-            label: "boringtun-cli",
-            lab: "b-btun",
-            encryption: "none",
-            foreign: Some((
-                vec![
-                    tool("boringtun-cli"),
-                    "--disable-drop-privileges".into(),
-                    "wgb".into(),
-                ],
-                "boringtun",
-            )),
-            process: "boringtun",
-        },
-        Contender {
-            label: "gotatun-cli",
-            lab: "b-gota",
-            encryption: "none",
-            foreign: Some((
-                vec![
-                    tool("gotatun"),
-                    "--disable-drop-privileges".into(),
-                    "--log".into(),
-                    "/var/lib/meshd/gotatun.log".into(),
-                    "wgb".into(),
-                ],
-                "gotatun",
-            )),
-            process: "gotatun",
-        },
-    ];
-    let teardown = || {
-        for c in &contenders {
-            let _ = Command::new(&meshd)
-                .args(["lab", "down", "--name", c.lab])
-                .output();
-        }
-    };
-    teardown();
-    let result = (|| -> Result<()> {
-        for c in &contenders {
-            eprintln!("xtask bench: lab {} for {}", c.lab, c.label);
-            let out = Command::new(&meshd)
-                .args([
-                    "lab",
-                    "up",
-                    "--name",
-                    c.lab,
-                    "--nodes",
-                    "2",
-                    "--pods-per-node",
-                    "1",
-                    "--encryption",
-                    c.encryption,
-                ])
-                .output()?;
-            if !out.status.success() {
-                bail!("lab up {}: {}", c.lab, String::from_utf8_lossy(&out.stderr));
-            }
-            if let Some((start, _)) = &c.foreign {
-                setup_foreign(&meshd, c.lab, start)?;
-            }
-            sh(Command::new(&meshd).args([
-                "lab", "exec", "--name", c.lab, "pod-2a", "--", "iperf3", "-s", "-D",
-            ]))?;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        println!("\npod-to-pod TCP, 2 lab nodes on this machine, {secs} s per run, alternating");
-        println!(
-            "{:<18} {:>8} {:>10} {:>14} {:>12} {:>14}",
-            "tunnel", "streams", "Gbit/s", "CPU-s per GB", "vs plain", "vs gotatun-cli"
-        );
-        for streams in [1, 4] {
-            let mut got: Vec<(f64, f64)> = Vec::new();
-            for c in &contenders {
-                let s = iperf(&meshd, c, streams, secs)?;
-                let per_gb = if s.bytes > 0.0 {
-                    s.cpu / (s.bytes / 1e9)
-                } else {
-                    0.0
-                };
-                got.push((s.gbit, per_gb));
-            }
-            let plain = got[0].0;
-            let gota = got[4].0;
-            for (c, (gbit, per_gb)) in contenders.iter().zip(&got) {
-                let cpu = if c.foreign.is_none() && c.encryption == "none" {
-                    "-".to_string()
-                } else {
-                    format!("{per_gb:.1}")
-                };
-                println!(
-                    "{:<18} {:>8} {:>10.2} {:>14} {:>12.3} {:>14.2}",
-                    c.label,
-                    streams,
-                    gbit,
-                    cpu,
-                    gbit / plain,
-                    gbit / gota
-                );
-            }
-        }
-        Ok(())
-    })();
-    teardown();
-    result
+    bench_wg::run(&meshd, flag("--seconds", 10))
 }
 
 fn main() -> ExitCode {

@@ -1,6 +1,6 @@
 //! Command-line rendering of the agent's local API (`meshd status`, `meshd endpoint list`).
 
-pub mod lab;
+
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};

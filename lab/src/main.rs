@@ -1,11 +1,25 @@
-//! `meshd lab …`: bring a lab up and down, look at it, run commands inside it.
+//! `meshd-lab`: bring a lab up and down, look at it, run commands inside it. A binary of its own
+//! so that the node binary `meshd` links none of it (the lab API server, its CA, json-patch and
+//! the root-only teardown of anything named `meshd-*`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result, bail};
-use clap::Subcommand;
+use clap::{Parser, Subcommand};
 use lab::topology::{self, LabState, UpOptions};
+
+#[derive(Parser)]
+#[command(
+    name = "meshd-lab",
+    version,
+    about = "meshd's local lab: a cluster of nodes and pods in network namespaces, with a \
+             Kubernetes-compatible API server (needs root)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: LabCommand,
+}
 
 #[derive(Subcommand)]
 pub enum LabCommand {
@@ -132,6 +146,23 @@ pub enum PodCommand {
     },
 }
 
+/// The binaries a lab runs: `meshd` (agents; `MESHD_BIN` or the one beside this binary) and
+/// this binary (the API server).
+fn binaries() -> Result<topology::Binaries> {
+    let lab = std::env::current_exe().context("locating the meshd-lab binary")?;
+    let meshd = match std::env::var_os("MESHD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => lab.with_file_name("meshd"),
+    };
+    if !meshd.is_file() {
+        bail!(
+            "no meshd binary at {} (build it with `cargo build -p meshd`, or set MESHD_BIN)",
+            meshd.display()
+        );
+    }
+    Ok(topology::Binaries { meshd, lab })
+}
+
 fn need_root() -> Result<()> {
     if !nix::unistd::Uid::effective().is_root() {
         bail!("the lab creates network namespaces and mounts: run it as root");
@@ -139,7 +170,7 @@ fn need_root() -> Result<()> {
     Ok(())
 }
 
-pub async fn run(cmd: LabCommand) -> Result<()> {
+async fn run(cmd: LabCommand) -> Result<()> {
     match cmd {
         LabCommand::Up {
             name,
@@ -158,7 +189,6 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
                     ],
                 );
             }
-            let meshd = std::env::current_exe().context("locating the meshd binary")?;
             let lab = topology::up(
                 &UpOptions {
                     name,
@@ -166,7 +196,7 @@ pub async fn run(cmd: LabCommand) -> Result<()> {
                     pods_per_node,
                     agent_args,
                 },
-                &meshd,
+                &binaries()?,
             )
             .await?;
             println!(
@@ -362,7 +392,7 @@ fn status(name: &str, ping: bool) -> Result<()> {
     );
     if lab.world {
         println!(
-            "World: {} (outside the cluster, via the hub; `meshd lab exec world -- …`)",
+            "World: {} (outside the cluster, via the hub; `meshd-lab exec world -- …`)",
             topology::WORLD_IPS.map(|a| a.to_string()).join(", ")
         );
     }
@@ -440,4 +470,41 @@ fn status(name: &str, ping: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `meshd-lab … | head` ends quietly, as Unix tools do; the API server keeps Rust's ignored
+/// SIGPIPE.
+#[allow(unsafe_code, reason = "restoring a signal's default disposition")]
+fn default_sigpipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: SIG_DFL installs no handler, so no code runs in signal context.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if !matches!(cli.command, LabCommand::Apiserver { .. }) {
+        default_sigpipe();
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshd-lab: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
