@@ -55,6 +55,9 @@ pub struct NodeStatus {
     pub pod_cidrs: Vec<String>,
     /// Whether the routes to its pod CIDRs are installed, and if not why.
     pub routes: ComponentStatus,
+    /// How traffic to it is carried: `up`, `pending: …`, `refused: …` or `plain`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
 }
 
 /// One WireGuard peer (or a node refused one), for `meshd encrypt status`.

@@ -119,7 +119,7 @@ fn main() -> std::process::ExitCode {
         match config::AgentConfig::parse_with_files(argv[1..].to_vec()) {
             Ok(cfg) => {
                 init_tracing(std::env::var_os("MESHD_LOG_JSON").is_some());
-                rt.block_on(agent::run(cfg))
+                rt.block_on(agent::run(cfg)).map_err(Into::into)
             }
             Err(e) => Err(e.into()),
         }

@@ -2,12 +2,20 @@
 //! map and settings) attached to the endpoint's host-side veth in both directions, sharing the
 //! pinned ipcache, auth, conntrack and event maps (pinned under the given bpffs directory so
 //! they outlive the agent).
+//!
+//! Programs attach with TCX links where the kernel has them (Linux 6.6), pinned so they outlive
+//! the agent; elsewhere (Debian 12's 6.1, Ubuntu 22.04's 5.15, RHEL 9's 5.14) with a clsact qdisc
+//! and one cls_bpf filter per direction at meshd's own priority and handle, which a restart
+//! adopts by swapping the program in place. Either way there is one attachment per direction,
+//! and no moment without a program.
 
 use std::path::Path;
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, RingBuf};
-use aya::programs::{SchedClassifier, TcAttachType, tc};
+use aya::programs::tc::{NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle};
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType, tc};
+use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 pub use ebpf_common::{
     AuthKey, AuthValue, EVENT_AUTH_REQUIRED, EVENT_DROP, EndpointConfig, Event, IpcacheValue,
@@ -46,6 +54,73 @@ pub enum DatapathError {
     Link { name: &'static str, message: String },
     #[error("eBPF map {0} is missing from the object")]
     MissingMap(&'static str),
+    #[error(
+        "the kernel is {found}; meshd's eBPF datapath needs {needed} ({feature}): upgrade the \
+         kernel, or run the agent with enable-policy=never (no policy enforcement)"
+    )]
+    KernelTooOld {
+        found: String,
+        needed: &'static str,
+        feature: &'static str,
+    },
+}
+
+/// The oldest kernel the datapath works on at all: the programs report drops and
+/// AUTH_REQUIRED through a BPF ring buffer (Linux 5.8).
+pub const MIN_KERNEL: (u8, u8, &str, &str) = (5, 8, "Linux 5.8", "BPF ring buffers");
+
+/// How programs attach to an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (Linux 6.6), pinned beside the endpoint's maps.
+    Tcx,
+    /// A clsact qdisc and one direct-action cls_bpf filter per direction, at meshd's
+    /// [`FILTER_PRIORITY`] and [`FILTER_HANDLE`] (what `tc filter show` lists).
+    Netlink,
+}
+
+/// `tc filter show dev <veth> ingress|egress`: `pref 1 … handle 0x1 … direct-action`, as
+/// Cilium's own filters.
+pub const FILTER_PRIORITY: u16 = 1;
+pub const FILTER_HANDLE: u32 = 1;
+
+impl AttachMode {
+    /// What this kernel offers: TCX from 6.6, the netlink filters before. Below the oldest
+    /// kernel the datapath works on, an error that names the version and the missing feature.
+    pub fn for_running_kernel() -> Result<Self, DatapathError> {
+        let v = KernelVersion::current().map_err(|e| DatapathError::KernelTooOld {
+            found: format!("unknown ({e})"),
+            needed: MIN_KERNEL.2,
+            feature: MIN_KERNEL.3,
+        })?;
+        Self::for_kernel(v)
+    }
+
+    pub fn for_kernel(v: KernelVersion) -> Result<Self, DatapathError> {
+        let code = v.code();
+        let at_least = |major: u32, minor: u32| code >= (major << 16) + (minor << 8);
+        if !at_least(u32::from(MIN_KERNEL.0), u32::from(MIN_KERNEL.1)) {
+            return Err(DatapathError::KernelTooOld {
+                found: format!("Linux {v}"),
+                needed: MIN_KERNEL.2,
+                feature: MIN_KERNEL.3,
+            });
+        }
+        Ok(if at_least(6, 6) {
+            Self::Tcx
+        } else {
+            Self::Netlink
+        })
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "tc clsact/cls_bpf",
+        })
+    }
 }
 
 fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DatapathError {
@@ -153,6 +228,111 @@ fn drop_incompatible_pins(pin_dir: &Path, ep_dir: &Path) {
     }
 }
 
+/// A TCX link, pinned beside the old one (from before a restart; both programs run meanwhile)
+/// and renamed over it, which releases the old link: at every moment, a crash included, a
+/// pinned program is attached.
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    dir: TcAttachType,
+    ep_dir: &Path,
+) -> Result<(), DatapathError> {
+    let id = prog
+        .attach_with_options(
+            interface,
+            dir,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|source| DatapathError::Attach {
+            interface: interface.into(),
+            source,
+        })?;
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DatapathError::Program { name, source })?;
+    let fd: aya::programs::links::FdLink =
+        link.try_into()
+            .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
+                name,
+                message: e.to_string(),
+            })?;
+    let pin = ep_dir.join(name);
+    let next = ep_dir.join(format!("{name}_next")); // (bpffs names cannot hold a dot)
+    let _ = std::fs::remove_file(&next);
+    fd.pin(&next).map_err(|e| DatapathError::Link {
+        name,
+        message: e.to_string(),
+    })?;
+    std::fs::rename(&next, &pin).map_err(|e| DatapathError::Link {
+        name,
+        message: format!("replacing the pinned link {}: {e}", pin.display()),
+    })?;
+    Ok(())
+}
+
+/// meshd's filter on `interface` in direction `dir`, as a link aya can act on.
+fn our_filter(interface: &str, dir: TcAttachType) -> std::io::Result<SchedClassifierLink> {
+    SchedClassifierLink::attached(
+        interface,
+        dir,
+        FILTER_PRIORITY,
+        TcHandle::from(FILTER_HANDLE),
+        None,
+    )
+}
+
+/// The cls_bpf filter at meshd's priority and handle: its program is replaced in place when
+/// it exists (an earlier run's, or an earlier try's), so there is never a second filter and
+/// never a moment without one; created when it does not.
+fn attach_filter(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    interface: &str,
+    dir: TcAttachType,
+) -> Result<(), DatapathError> {
+    let attach_err = |source| DatapathError::Attach {
+        interface: interface.into(),
+        source,
+    };
+    let replaced = our_filter(interface, dir)
+        .ok()
+        .and_then(|link| prog.attach_to_link(link).ok());
+    let id = match replaced {
+        Some(id) => id,
+        None => prog
+            .attach_with_options(
+                interface,
+                dir,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: FILTER_PRIORITY,
+                    handle: TcHandle::from(FILTER_HANDLE),
+                    classid: None,
+                }),
+            )
+            .map_err(attach_err)?,
+    };
+    // The filter belongs to the interface, not to this process: taken out of the program so
+    // that dropping it (the agent exiting) does not remove the filter.
+    let link = prog
+        .take_link(id)
+        .map_err(|source| DatapathError::Program { name, source })?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes meshd's filters from `interface` (netlink mode; nothing to do for TCX, whose links
+/// go with their pins).
+pub fn remove_filters(interface: &str) {
+    use aya::programs::links::Link as _;
+    for dir in [TcAttachType::Ingress, TcAttachType::Egress] {
+        if let Ok(link) = our_filter(interface, dir) {
+            // The interface may be gone already, and its filters with it.
+            let _ = link.detach();
+        }
+    }
+}
+
 /// Where one endpoint's pins live: its policy and settings maps and its two program links.
 pub fn endpoint_pin_dir(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
     pin_dir.join("endpoints").join(interface)
@@ -168,6 +348,7 @@ impl EndpointDatapath {
         interface: &str,
         pin_dir: &Path,
         config: EndpointConfig,
+        mode: AttachMode,
     ) -> Result<Self, DatapathError> {
         let ep_dir = endpoint_pin_dir(pin_dir, interface);
         std::fs::create_dir_all(&ep_dir).map_err(|source| DatapathError::PinDir {
@@ -180,8 +361,10 @@ impl EndpointDatapath {
             .map_pin_path("POLICY", ep_dir.join("POLICY"))
             .map_pin_path("CONFIG", ep_dir.join("CONFIG"))
             .load(OBJECT)?;
-        // An existing clsact qdisc is fine.
-        let _ = tc::qdisc_add_clsact(interface);
+        if mode == AttachMode::Netlink {
+            // An existing clsact qdisc is fine.
+            let _ = tc::qdisc_add_clsact(interface);
+        }
         for (name, dir) in [
             ("from_endpoint", TcAttachType::Ingress),
             ("to_endpoint", TcAttachType::Egress),
@@ -193,35 +376,10 @@ impl EndpointDatapath {
                 .map_err(|source| DatapathError::Program { name, source })?;
             prog.load()
                 .map_err(|source| DatapathError::Program { name, source })?;
-            let id = prog
-                .attach(interface, dir)
-                .map_err(|source| DatapathError::Attach {
-                    interface: interface.into(),
-                    source,
-                })?;
-            let link = prog
-                .take_link(id)
-                .map_err(|source| DatapathError::Program { name, source })?;
-            let fd: aya::programs::links::FdLink =
-                link.try_into()
-                    .map_err(|e: aya::programs::links::LinkError| DatapathError::Link {
-                        name,
-                        message: e.to_string(),
-                    })?;
-            // The new link is pinned beside the old one (from before a restart; both programs
-            // run meanwhile) and renamed over it, which releases the old link: at every moment,
-            // a crash included, a pinned program is attached.
-            let pin = ep_dir.join(name);
-            let next = ep_dir.join(format!("{name}_next")); // (bpffs names cannot hold a dot)
-            let _ = std::fs::remove_file(&next);
-            fd.pin(&next).map_err(|e| DatapathError::Link {
-                name,
-                message: e.to_string(),
-            })?;
-            std::fs::rename(&next, &pin).map_err(|e| DatapathError::Link {
-                name,
-                message: format!("replacing the pinned link {}: {e}", pin.display()),
-            })?;
+            match mode {
+                AttachMode::Tcx => attach_tcx(prog, name, interface, dir, &ep_dir)?,
+                AttachMode::Netlink => attach_filter(prog, name, interface, dir)?,
+            }
         }
         let mut dp = Self {
             ebpf,
@@ -473,6 +631,7 @@ impl EndpointDatapath {
             .map(Path::to_path_buf);
         let interface = self.interface.clone();
         drop(self);
+        remove_filters(&interface);
         if let Some(p) = pin_dir {
             remove_endpoint_pins(&p, &interface);
         }

@@ -119,14 +119,67 @@ fn key(identity: u32, egress: bool, port: u16) -> (u32, PolicyKey, PolicyValue) 
     )
 }
 
+/// `tc filter show dev lxctest <dir>` in the node namespace: one line per filter (the lines
+/// with a handle; `tc` prints a header line per priority too).
+fn filters(env: &Netns, dir: &str) -> Vec<String> {
+    let out = Command::new("tc")
+        .args(["-n", &env.node, "filter", "show", "dev", "lxctest", dir])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("filter") && (l.contains("handle") || l.contains(" fh ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// With TCX (this kernel's default where it has it).
 #[test]
-fn policy_auth_and_conntrack_in_the_kernel() {
+fn policy_auth_and_conntrack_in_the_kernel_with_tcx() {
+    policy_auth_and_conntrack(AttachMode::Tcx);
+}
+
+/// With the clsact qdisc and cls_bpf filters of kernels before 6.6 (Debian 12, Ubuntu 22.04,
+/// RHEL 9), which every kernel still offers.
+#[test]
+fn policy_auth_and_conntrack_in_the_kernel_with_tc_filters() {
+    policy_auth_and_conntrack(AttachMode::Netlink);
+}
+
+#[test]
+fn kernels_below_the_minimum_are_refused_by_name() {
+    use aya::util::KernelVersion;
+    let e = AttachMode::for_kernel(KernelVersion::new(5, 4, 0)).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the kernel is Linux 5.4.0; meshd's eBPF datapath needs Linux 5.8 (BPF ring buffers): \
+         upgrade the kernel, or run the agent with enable-policy=never (no policy enforcement)"
+    );
+    assert_eq!(
+        AttachMode::for_kernel(KernelVersion::new(5, 15, 0)).unwrap(),
+        AttachMode::Netlink
+    );
+    assert_eq!(
+        AttachMode::for_kernel(KernelVersion::new(6, 1, 0)).unwrap(),
+        AttachMode::Netlink
+    );
+    assert_eq!(
+        AttachMode::for_kernel(KernelVersion::new(6, 6, 0)).unwrap(),
+        AttachMode::Tcx
+    );
+}
+
+fn policy_auth_and_conntrack(mode: AttachMode) {
     // A test that could not run is never a pass.
     assert!(
         nix::unistd::Uid::effective().is_root(),
         "the datapath test needs root (it loads eBPF programs into network namespaces): run it as root"
     );
-    let id = std::process::id();
+    let id = format!(
+        "{}{}",
+        std::process::id(),
+        if mode == AttachMode::Tcx { "x" } else { "n" }
+    );
     let mut env = Netns {
         pod: format!("meshd-dp{id}-pod"),
         node: format!("meshd-dp{id}-node"),
@@ -245,7 +298,17 @@ threading.Event().wait()\n";
         "name",
         "MESHD_CT",
     ]);
-    let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg).unwrap();
+    if mode == AttachMode::Netlink {
+        // Someone else's filter on the same hook stays where it is.
+        sh(&[
+            "tc", "-n", &env.node, "qdisc", "add", "dev", "lxctest", "clsact",
+        ]);
+        sh(&[
+            "tc", "-n", &env.node, "filter", "add", "dev", "lxctest", "ingress", "pref", "7",
+            "u32", "match", "u32", "0", "0",
+        ]);
+    }
+    let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg, mode).unwrap();
     assert_eq!(
         aya::maps::MapInfo::from_pin(env.bpffs.join("MESHD_CT"))
             .unwrap()
@@ -408,7 +471,42 @@ threading.Event().wait()\n";
     // writes the difference.
     let revision = dp.config().policy_revision;
     drop(dp);
-    let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg).unwrap();
+    if mode == AttachMode::Netlink {
+        // The agent is gone; its filters are not (enforcement goes on), and a restart, or a
+        // retry after a failed attach, swaps the program in place: exactly meshd's one filter
+        // per direction, whatever happened before.
+        for dir in ["ingress", "egress"] {
+            assert_eq!(
+                filters(&env, dir)
+                    .iter()
+                    .filter(|l| l.contains(" bpf "))
+                    .count(),
+                1
+            );
+        }
+        for _ in 0..3 {
+            drop(EndpointDatapath::attach("lxctest", &env.bpffs, cfg, mode).unwrap());
+        }
+        let ingress = filters(&env, "ingress");
+        let ours: Vec<&String> = ingress.iter().filter(|l| l.contains(" bpf ")).collect();
+        assert_eq!(ours.len(), 1, "{ingress:?}");
+        assert!(
+            ours[0].contains("pref 1 ")
+                && ours[0].contains("handle 0x1 ")
+                && ours[0].contains("direct-action"),
+            "{ingress:?}"
+        );
+        assert!(
+            ingress.iter().any(|l| l.contains("pref 7 u32")),
+            "the foreign filter is kept: {ingress:?}"
+        );
+        assert_eq!(filters(&env, "egress").len(), 1);
+        assert!(
+            !connects(&env.node, 8080),
+            "enforcing with the swapped programs (only 9999 allowed)"
+        );
+    }
+    let mut dp = EndpointDatapath::attach("lxctest", &env.bpffs, cfg, mode).unwrap();
     assert_eq!(
         dp.config().policy_revision,
         revision,
@@ -419,4 +517,18 @@ threading.Event().wait()\n";
     let sync = dp.set_policy(&[deny_9999, key(400, false, 8080)]).unwrap();
     assert_eq!((sync.added, sync.changed, sync.removed), (1, 1, 0));
     assert!(connects(&env.node, 8080));
+    if mode == AttachMode::Netlink {
+        assert!(!connects(&env.node, 8081), "8081 is not allowed");
+        dp.remove();
+        assert!(
+            filters(&env, "ingress")
+                .iter()
+                .all(|l| !l.contains(" bpf "))
+        );
+        assert!(filters(&env, "egress").is_empty());
+        assert!(
+            connects(&env.node, 8081),
+            "open again once meshd's filters are gone"
+        );
+    }
 }

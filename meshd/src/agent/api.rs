@@ -81,10 +81,16 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ApiError> {
     Ok(l)
 }
 
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>) {
+pub async fn serve(listener: UnixListener, shared: Arc<Shared>) -> Result<(), super::AgentError> {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "accepting a local API connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -136,7 +142,7 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (req.method(), segs.as_slice()) {
-        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.fresh_status().await),
+        (&Method::GET, ["v1", "status"]) => json(StatusCode::OK, &shared.status().await),
         (&Method::GET, ["v1", "endpoints"]) => json(StatusCode::OK, &shared.endpoints()),
         (&Method::GET, ["v1", "policy"]) => json(StatusCode::OK, &shared.policy_status()),
         (&Method::GET, ["v1", "monitor"]) => monitor(shared),
@@ -155,11 +161,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
                     );
                 }
             };
-            let result = shared.lock().endpoints.put(&ns, &name, ep);
+            let result = shared.local.put(&ns, &name, ep);
             match result {
                 Ok(()) => {
                     tracing::info!(endpoint = %format!("{ns}/{name}"), "endpoint added");
-                    shared.endpoints_changed();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
                 Err(e @ super::endpoints::EndpointError::Invalid { .. }) => {
@@ -169,11 +174,10 @@ async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
             }
         }
         (&Method::DELETE, ["v1", "endpoints", ns, name]) => {
-            let result = shared.lock().endpoints.delete(ns, name);
+            let result = shared.local.delete(ns, name);
             match result {
                 Ok(true) => {
                     tracing::info!(endpoint = %format!("{ns}/{name}"), "endpoint deleted");
-                    shared.endpoints_changed();
                     json(StatusCode::OK, &serde_json::json!({}))
                 }
                 Ok(false) => err(

@@ -73,10 +73,6 @@ impl EndpointStore {
         self.endpoints.values().cloned().collect()
     }
 
-    pub fn len(&self) -> usize {
-        self.endpoints.len()
-    }
-
     /// Adds or replaces an endpoint after checking it names itself consistently.
     pub fn put(
         &mut self,
@@ -185,7 +181,7 @@ mod tests {
                 .to_string()
                 .contains("addresses")
         );
-        assert_eq!(s.len(), 0);
+        assert!(s.list().is_empty());
     }
 
     #[test]

@@ -15,7 +15,12 @@ use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use tracing::{info, warn};
 
-use super::Shared;
+use meshd_api::{ComponentStatus, EndpointSpec, Health};
+
+use super::nodes::{NodeIds, OwnNode};
+use super::policy::PolicyView;
+use super::state::{Reader, Watched, Writer, any_change};
+use super::{AgentError, NodesView, OwnView};
 
 /// A remote endpoint as its CiliumEndpoint says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,8 +49,19 @@ fn cep_entries(o: &DynamicObject) -> Vec<(Ipv4Addr, RemoteEndpoint)> {
         .collect()
 }
 
+/// Every endpoint of the cluster by IPv4 address, from the CiliumEndpoints. Written by the
+/// CiliumEndpoint watcher alone.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterEndpoints {
+    pub by_ip: BTreeMap<Ipv4Addr, RemoteEndpoint>,
+    pub synced: bool,
+}
+
 /// Watches every CiliumEndpoint into the ipcache's source.
-pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
+pub async fn watch_endpoints(
+    client: kube::Client,
+    out: Writer<ClusterEndpoints>,
+) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &super::identity::endpoint_resource());
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -53,8 +69,15 @@ pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
     type ByObject = BTreeMap<(String, String), Vec<(Ipv4Addr, RemoteEndpoint)>>;
     let mut objects: ByObject = BTreeMap::new();
     let mut fresh: Option<ByObject> = None;
+    let mut synced = false;
     while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(kind = "CiliumEndpoint", error = %e, "watching CiliumEndpoints failed; retrying");
+                continue;
+            }
+        };
         let key = |o: &DynamicObject| {
             (
                 o.metadata.namespace.clone().unwrap_or_default(),
@@ -67,10 +90,11 @@ pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
                 fresh
                     .get_or_insert_with(BTreeMap::new)
                     .insert(key(&o), cep_entries(&o));
+                continue;
             }
             watcher::Event::InitDone => {
                 objects = fresh.take().unwrap_or_default();
-                shared.lock().datapath_sources.insert("CiliumEndpoint");
+                synced = true;
             }
             watcher::Event::Apply(o) => {
                 objects.insert(key(&o), cep_entries(&o));
@@ -79,63 +103,113 @@ pub async fn watch_endpoints(client: kube::Client, shared: Arc<Shared>) {
                 objects.remove(&key(&o));
             }
         }
-        shared.lock().remote_endpoints = objects.values().flatten().cloned().collect();
-        shared.policy_changed();
+        if synced {
+            out.set(ClusterEndpoints {
+                by_ip: objects.values().flatten().cloned().collect(),
+                synced,
+            });
+        }
     }
+    Err(AgentError::WatchEnded("CiliumEndpoint"))
 }
 
 pub struct Enforcer {
     pin_dir: PathBuf,
+    mode: datapath::AttachMode,
     endpoints: BTreeMap<(String, String), EndpointDatapath>,
     events: Option<datapath::Events>,
     /// The shared ipcache, once a program instance has created (or an earlier run left) its pin.
     ipcache: Option<datapath::Ipcache>,
-    node_ids: NodeIds,
-    /// Whether the node ids of an earlier run were read back from the pinned ipcache.
-    node_ids_seeded: bool,
 }
 
-/// Node ids as the ipcache and the auth keys carry them: this agent's own numbering (as in
-/// Cilium), given to a node when it appears and kept while it exists, across agent restarts too
-/// (read back from the pinned ipcache). Numbers are not handed out again soon after a node
-/// leaves, so an auth entry of a gone node cannot stand for a newcomer.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeIds {
-    ids: BTreeMap<Ipv4Addr, u16>,
-    /// The last number handed out.
-    last: u16,
+/// Everything one datapath pass computes from: snapshots of the other concerns.
+pub struct Inputs {
+    pub own: OwnNode,
+    pub nodes: Arc<NodesView>,
+    pub cluster: Arc<ClusterEndpoints>,
+    pub local: Arc<Vec<EndpointSpec>>,
+    pub identities: Arc<BTreeMap<(String, String), u32>>,
+    pub policy: Arc<PolicyView>,
 }
 
-impl NodeIds {
-    /// Takes over an id an earlier run gave `ip`.
-    pub fn seed(&mut self, ip: Ipv4Addr, id: u16) {
-        if id != 0 && !self.ids.values().any(|v| *v == id) {
-            self.ids.entry(ip).or_insert(id);
-            self.last = self.last.max(id);
+impl Inputs {
+    /// The datapath's sources not listed yet.
+    pub fn missing(&self) -> Vec<&'static str> {
+        let mut missing = self.policy.unsynced.clone();
+        if !self.cluster.synced {
+            missing.push("CiliumEndpoint");
         }
+        if !self.nodes.synced {
+            missing.push("CiliumNode");
+        }
+        missing
     }
 
-    /// Keeps exactly `nodes`: known ones keep their id, new ones get the next free number.
-    pub fn update(&mut self, nodes: &BTreeSet<Ipv4Addr>) -> &BTreeMap<Ipv4Addr, u16> {
-        self.ids.retain(|ip, _| nodes.contains(ip));
-        for ip in nodes {
-            if self.ids.contains_key(ip) {
+    /// The ipcache as it should be: node addresses (host, remote-node) with their node ids,
+    /// every CiliumEndpoint's address, and the CIDR prefixes policies use.
+    fn ipcache(&self) -> BTreeMap<(Ipv4Addr, u32), IpcacheValue> {
+        let table = &self.nodes.table;
+        let mut cache: BTreeMap<(Ipv4Addr, u32), IpcacheValue> = BTreeMap::new();
+        for n in table.nodes.values() {
+            let Some(ip) = n.internal_ipv4() else {
                 continue;
-            }
-            let used: BTreeSet<u16> = self.ids.values().copied().collect();
-            // After the last one handed out, wrapping around (0 means "no node").
-            let next = (1..=u16::MAX)
-                .map(|k| {
-                    ((u32::from(self.last) + u32::from(k) - 1) % u32::from(u16::MAX) + 1) as u16
-                })
-                .find(|id| !used.contains(id));
-            if let Some(id) = next {
-                self.ids.insert(*ip, id);
-                self.last = id;
+            };
+            let identity = if std::net::IpAddr::V4(ip) == self.own.internal_ip {
+                IDENTITY_HOST
+            } else {
+                IDENTITY_REMOTE_NODE
+            };
+            cache.insert(
+                (ip, 32),
+                IpcacheValue {
+                    identity,
+                    node_id: n.node_id,
+                    pad: 0,
+                },
+            );
+        }
+        for (ip, r) in &self.cluster.by_ip {
+            let node_id = r.node_ip.map_or(0, |n| table.node_id(n));
+            cache.insert(
+                (*ip, 32),
+                IpcacheValue {
+                    identity: r.identity,
+                    node_id,
+                    pad: 0,
+                },
+            );
+        }
+        for (net, id) in self.policy.cidrs.prefixes() {
+            if let ipnet::IpNet::V4(v4) = net {
+                cache
+                    .entry((v4.network(), u32::from(v4.prefix_len())))
+                    .or_insert(IpcacheValue {
+                        identity: *id,
+                        node_id: 0,
+                        pad: 0,
+                    });
             }
         }
-        &self.ids
+        cache
     }
+}
+
+/// Cilium's reserved identities for this host and for other nodes.
+const IDENTITY_HOST: u32 = 1;
+const IDENTITY_REMOTE_NODE: u32 = 6;
+
+/// The node ids an earlier run gave node addresses, read back from the pinned ipcache, so that
+/// a restarted agent keeps the numbering (auth entries carry it).
+pub fn pinned_node_ids(pin_dir: &std::path::Path) -> NodeIds {
+    let mut ids = NodeIds::default();
+    if let Ok(entries) = datapath::read_ipcache(pin_dir) {
+        for (addr, prefix, v) in entries {
+            if prefix == 32 && (v.identity == IDENTITY_HOST || v.identity == IDENTITY_REMOTE_NODE) {
+                ids.seed(Ipv4Addr::from(addr), v.node_id);
+            }
+        }
+    }
+    ids
 }
 
 fn to_kernel(c: &policy::Compiled) -> Vec<(u32, PolicyKey, PolicyValue)> {
@@ -165,90 +239,22 @@ fn to_kernel(c: &policy::Compiled) -> Vec<(u32, PolicyKey, PolicyValue)> {
 }
 
 impl Enforcer {
-    pub fn new(pin_dir: PathBuf) -> Self {
+    pub fn new(pin_dir: PathBuf, mode: datapath::AttachMode) -> Self {
         Self {
             pin_dir,
+            mode,
             endpoints: BTreeMap::new(),
             events: None,
             ipcache: None,
-            node_ids: NodeIds::default(),
-            node_ids_seeded: false,
         }
     }
 
-    /// One pass; returns a problem to report, if any.
-    fn reconcile(&mut self, shared: &Shared) -> Result<(), String> {
-        if !self.node_ids_seeded {
-            // Node addresses (host, remote-node) carry the ids an earlier run gave them.
-            if let Ok(entries) = datapath::read_ipcache(&self.pin_dir) {
-                for (addr, prefix, v) in entries {
-                    if prefix == 32 && (v.identity == 1 || v.identity == 6) {
-                        self.node_ids.seed(Ipv4Addr::from(addr), v.node_id);
-                    }
-                }
-            }
-            self.node_ids_seeded = true;
-        }
-        let (eps, identities, compiled, desired_ipcache) = {
-            let s = shared.lock();
-            let mut cache: BTreeMap<(Ipv4Addr, u32), IpcacheValue> = BTreeMap::new();
-            let node_ips: BTreeSet<Ipv4Addr> = s
-                .table
-                .nodes
-                .values()
-                .filter_map(|n| match n.internal_ip {
-                    Some(std::net::IpAddr::V4(ip)) => Some(ip),
-                    _ => None,
-                })
-                .collect();
-            let node_ids = self.node_ids.update(&node_ips).clone();
-            for (ip, id) in &node_ids {
-                let identity = if std::net::IpAddr::V4(*ip) == s.own.internal_ip {
-                    1
-                } else {
-                    6
-                };
-                cache.insert(
-                    (*ip, 32),
-                    IpcacheValue {
-                        identity,
-                        node_id: *id,
-                        pad: 0,
-                    },
-                );
-            }
-            for (ip, r) in &s.remote_endpoints {
-                let node_id = r
-                    .node_ip
-                    .and_then(|n| node_ids.get(&n).copied())
-                    .unwrap_or(0);
-                cache.insert(
-                    (*ip, 32),
-                    IpcacheValue {
-                        identity: r.identity,
-                        node_id,
-                        pad: 0,
-                    },
-                );
-            }
-            for (net, id) in s.policy.cidrs.prefixes() {
-                if let ipnet::IpNet::V4(v4) = net {
-                    cache
-                        .entry((v4.network(), u32::from(v4.prefix_len())))
-                        .or_insert(IpcacheValue {
-                            identity: *id,
-                            node_id: 0,
-                            pad: 0,
-                        });
-                }
-            }
-            (
-                s.endpoints.list(),
-                s.identities.clone(),
-                s.policy.compiled.clone(),
-                cache,
-            )
-        };
+    /// One pass from snapshots (no lock is held); returns a problem to report, if any.
+    fn reconcile(&mut self, inputs: &Inputs) -> Result<(), String> {
+        let desired_ipcache = inputs.ipcache();
+        let eps = &inputs.local;
+        let identities = &inputs.identities;
+        let compiled = &inputs.policy.compiled;
         let mut problems = Vec::new();
         let wanted: BTreeSet<(String, String)> = eps
             .iter()
@@ -271,10 +277,11 @@ impl Enforcer {
         for iface in datapath::pinned_endpoints(&self.pin_dir) {
             if !interfaces.contains(iface.as_str()) {
                 info!(interface = %iface, "removing the pins of an endpoint that is gone");
+                datapath::remove_filters(&iface);
                 datapath::remove_endpoint_pins(&self.pin_dir, &iface);
             }
         }
-        for ep in &eps {
+        for ep in eps.iter() {
             let key = (ep.namespace.clone(), ep.name.clone());
             let name = format!("{}/{}", key.0, key.1);
             // Without its identity the endpoint cannot be named in anyone's policy yet.
@@ -290,7 +297,7 @@ impl Enforcer {
                 policy_revision: 0,
             };
             if !self.endpoints.contains_key(&key) {
-                match EndpointDatapath::attach(&ep.interface, &self.pin_dir, cfg) {
+                match EndpointDatapath::attach(&ep.interface, &self.pin_dir, cfg, self.mode) {
                     Ok(mut dp) => {
                         info!(endpoint = %name, interface = %ep.interface, identity, "programs attached");
                         if self.events.is_none() {
@@ -347,7 +354,7 @@ impl Enforcer {
         }
     }
 
-    fn log_events(&mut self, shared: &Shared) {
+    fn log_events(&mut self, monitor: &tokio::sync::broadcast::Sender<meshd_api::MonitorEvent>) {
         let Some(events) = self.events.as_mut() else {
             return;
         };
@@ -364,7 +371,7 @@ impl Enforcer {
                 info!(reason = e.reason, src_identity = e.src_identity, dst_identity = e.dst_identity, %src, %dst, dport = e.dport, proto = e.proto, "dropped (Policy denied)");
             }
             // Nobody listening is fine.
-            let _ = shared.monitor.send(meshd_api::MonitorEvent {
+            let _ = monitor.send(meshd_api::MonitorEvent {
                 kind: if auth {
                     "auth-required".into()
                 } else {
@@ -398,103 +405,93 @@ impl Enforcer {
     }
 }
 
-pub async fn enforce_loop(mut enforcer: Enforcer, shared: Arc<Shared>) {
-    loop {
-        let wake = shared.compiled.notified();
-        let waiting = {
-            let mut s = shared.lock();
-            let missing = s.datapath_sources_missing();
-            if !missing.is_empty() {
-                // Nothing is touched yet: what a previous run pinned keeps enforcing as it was.
-                s.datapath = meshd_api::ComponentStatus {
-                    state: meshd_api::Health::Degraded,
-                    message: format!(
-                        "waiting for the first list of {} (pinned programs keep enforcing)",
-                        missing.join(", ")
-                    ),
-                };
-            }
-            !missing.is_empty()
-        };
-        if waiting {
-            tokio::select! {
-                _ = wake => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            }
-            continue;
-        }
-        let result = enforcer.reconcile(&shared);
-        shared.lock().datapath = match &result {
-            Ok(()) => meshd_api::ComponentStatus {
-                state: meshd_api::Health::Ok,
-                message: format!("{} endpoints enforced", enforcer.endpoints.len()),
-            },
-            Err(e) => {
-                warn!(error = %e, "datapath reconciliation incomplete; retrying");
-                meshd_api::ComponentStatus {
-                    state: meshd_api::Health::Failure,
-                    message: e.clone(),
-                }
-            }
-        };
-        let retry = if result.is_ok() {
-            Duration::from_secs(30)
-        } else {
-            Duration::from_secs(2)
-        };
-        // Poll the event ring while waiting.
-        let deadline = tokio::time::Instant::now() + retry;
-        tokio::pin!(wake);
-        loop {
-            enforcer.log_events(&shared);
-            tokio::select! {
-                _ = &mut wake => break,
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-            }
+/// What the enforcer reads, each a reader of the concern that owns it.
+pub struct Sources {
+    pub own: Reader<OwnView>,
+    pub nodes: Reader<NodesView>,
+    pub cluster: Reader<ClusterEndpoints>,
+    pub local: Reader<Vec<EndpointSpec>>,
+    pub identities: Reader<BTreeMap<(String, String), u32>>,
+    pub policy: Reader<PolicyView>,
+}
+
+impl Sources {
+    fn snapshot(&mut self) -> Inputs {
+        Inputs {
+            own: self.own.get().own.clone(),
+            nodes: self.nodes.get(),
+            cluster: self.cluster.get(),
+            local: self.local.get(),
+            identities: self.identities.get(),
+            policy: self.policy.get(),
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ips(last: &[u8]) -> BTreeSet<Ipv4Addr> {
-        last.iter().map(|i| Ipv4Addr::new(198, 18, 0, *i)).collect()
-    }
-
-    #[test]
-    fn node_ids_are_stable_and_not_reused_soon() {
-        let mut n = NodeIds::default();
-        let first = n.update(&ips(&[12, 13])).clone();
-        assert_eq!(first.values().copied().collect::<Vec<_>>(), [1, 2]);
-        // A node whose address sorts first joins: nobody is renumbered.
-        let second = n.update(&ips(&[11, 12, 13])).clone();
-        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 12)], 1);
-        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 13)], 2);
-        assert_eq!(second[&Ipv4Addr::new(198, 18, 0, 11)], 3);
-        // A node leaves and another joins: the newcomer does not get the gone node's number.
-        let third = n.update(&ips(&[11, 13, 14])).clone();
-        assert_eq!(third[&Ipv4Addr::new(198, 18, 0, 14)], 4);
-        assert!(!third.values().any(|v| *v == 1));
-    }
-
-    #[test]
-    fn node_ids_are_taken_over_from_an_earlier_run_and_wrap() {
-        let mut n = NodeIds::default();
-        n.seed(Ipv4Addr::new(198, 18, 0, 12), 7);
-        n.seed(Ipv4Addr::new(198, 18, 0, 13), 7); // a duplicate is ignored
-        let ids = n.update(&ips(&[12, 13])).clone();
-        assert_eq!(ids[&Ipv4Addr::new(198, 18, 0, 12)], 7);
-        assert_eq!(ids[&Ipv4Addr::new(198, 18, 0, 13)], 8);
-        let mut n = NodeIds::default();
-        n.seed(Ipv4Addr::new(198, 18, 0, 12), u16::MAX);
-        let ids = n.update(&ips(&[12, 13])).clone();
-        assert_eq!(
-            ids[&Ipv4Addr::new(198, 18, 0, 13)],
-            1,
-            "wraps past 65535, skipping 0"
-        );
+pub async fn enforce_loop(
+    mut enforcer: Enforcer,
+    mut sources: Sources,
+    status: Writer<ComponentStatus>,
+    monitor: tokio::sync::broadcast::Sender<meshd_api::MonitorEvent>,
+) -> Result<(), AgentError> {
+    loop {
+        let inputs = sources.snapshot();
+        let missing = inputs.missing();
+        let retry = if !missing.is_empty() {
+            // Nothing is touched yet: what a previous run pinned keeps enforcing as it was.
+            status.set(ComponentStatus {
+                state: Health::Degraded,
+                message: format!(
+                    "waiting for the first list of {} (pinned programs keep enforcing)",
+                    missing.join(", ")
+                ),
+            });
+            Duration::from_millis(500)
+        } else {
+            let result = enforcer.reconcile(&inputs);
+            status.set(match &result {
+                Ok(()) => ComponentStatus {
+                    state: Health::Ok,
+                    message: format!(
+                        "{} endpoints enforced, attached with {}",
+                        enforcer.endpoints.len(),
+                        enforcer.mode
+                    ),
+                },
+                Err(e) => {
+                    warn!(error = %e, "datapath reconciliation incomplete; retrying");
+                    ComponentStatus {
+                        state: Health::Failure,
+                        message: e.clone(),
+                    }
+                }
+            });
+            if result.is_ok() {
+                Duration::from_secs(30)
+            } else {
+                Duration::from_secs(2)
+            }
+        };
+        // Poll the event ring while waiting for a change or the timer.
+        let deadline = tokio::time::Instant::now() + retry;
+        loop {
+            enforcer.log_events(&monitor);
+            let changed = {
+                let Sources {
+                    own,
+                    nodes,
+                    cluster,
+                    local,
+                    identities,
+                    policy,
+                } = &mut sources;
+                let mut watched: [&mut dyn Watched; 6] =
+                    [own, nodes, cluster, local, identities, policy];
+                any_change(&mut watched, Duration::from_millis(200)).await?
+            };
+            if changed || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
     }
 }

@@ -1,206 +1,195 @@
-//! `meshd agent`: wires the node watcher, the own-node publisher, the route reconciler and the
-//! local API together. Each loop is level-triggered: it recomputes what should be from the
-//! caches and applies the difference, on every change and on a timer.
+//! `meshd agent`: builds the agent's concerns and wires them together, as ztunnel's `app.rs`.
+//! Each concern owns its state and is the only writer of it (see [`state`]): the node watcher
+//! owns the node table, the publisher the own CiliumNode, the local API the local endpoints,
+//! the identity reconciler the identities, each policy watcher its kind, the compiler the
+//! compiled policy, the encryption/route reconciler the backend's view and the routes, the
+//! enforcer the datapath. Every loop is level-triggered: it recomputes what should be from
+//! snapshots and applies the difference, on every change and on a timer. A task that ends
+//! ends the agent, with a non-zero status and the reason in the log.
 
 mod api;
+pub mod encryption;
 pub mod endpoints;
 pub mod enforce;
 pub mod identity;
 pub mod nodes;
 pub mod policy;
 pub mod routes;
-pub mod wireguard;
+pub mod state;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result};
 use futures::{StreamExt as _, TryStreamExt as _};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt as _, watcher};
-use meshd_api::{ComponentStatus, Health, NodeStatus, Status};
-use tokio::sync::Notify;
-use tracing::{error, info, warn};
+use meshd_api::{ComponentStatus, EndpointSpec, Health, NodeStatus, Status};
+use tracing::{Instrument as _, error, info, info_span, warn};
 
-use crate::config::AgentConfig;
-use endpoints::EndpointStore;
+use crate::config::{AgentConfig, ConfigError};
+use encryption::{EncryptionBackend, EncryptionError, NodeState};
+use endpoints::{EndpointError, EndpointStore};
 use nodes::{NodeTable, OwnNode};
-use routes::RouteManager;
+use policy::{IdentitySource, PolicyKind, PolicySource, PolicyView};
+use routes::{RouteError, RouteManager};
+use state::{Reader, SourceGone, Watched, Writer, any_change};
 
-pub struct AgentState {
-    pub kubernetes: ComponentStatus,
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("creating the state directory {path} (state-dir): {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no node-name given and the hostname is unreadable: {0}")]
+    Hostname(#[source] nix::Error),
+    #[error("the kubeconfig {path} (k8s-kubeconfig-path) is unusable: {message}")]
+    Kubeconfig { path: PathBuf, message: String },
+    #[error("no k8s-kubeconfig-path given and not running in a cluster: {0}")]
+    InCluster(String),
+    #[error("building the Kubernetes client: {0}")]
+    KubeClient(String),
+    #[error("opening a netlink socket failed: {0}; the agent needs CAP_NET_ADMIN")]
+    Netlink(#[source] std::io::Error),
+    #[error("finding the node's address: {0}; set ipv4-node")]
+    NodeIp(String),
+    #[error(transparent)]
+    Routes(#[from] RouteError),
+    #[error(transparent)]
+    Endpoints(#[from] EndpointError),
+    #[error(transparent)]
+    Encryption(#[from] EncryptionError),
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error(transparent)]
+    Datapath(#[from] datapath::DatapathError),
+    #[error("installing the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("the {0} watch ended; the agent cannot stay current without it")]
+    WatchEnded(&'static str),
+    #[error(transparent)]
+    SourceGone(#[from] SourceGone),
+    #[error("the agent's {task} task ended unexpectedly")]
+    TaskEnded { task: &'static str },
+    #[error("the agent's {task} task failed: {source}")]
+    TaskFailed {
+        task: &'static str,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("the agent's {task} task panicked: {message}")]
+    TaskPanicked { task: &'static str, message: String },
+}
+
+/// The node table and what the node watcher knows about the own object. Written by the node
+/// watcher alone.
+#[derive(Debug, Clone, Default)]
+pub struct NodesView {
     pub table: NodeTable,
-    /// The node watcher has listed every CiliumNode at least once.
+    /// Every CiliumNode was listed at least once.
     pub synced: bool,
-    pub published: bool,
-    /// Per remote node: why its routes are not installed.
-    pub route_errors: BTreeMap<String, String>,
-    pub routes: routes::RouteSet,
-    pub endpoints: EndpointStore,
-    pub own: OwnNode,
-    /// The own CiliumNode as last seen by the watcher.
+    /// The own CiliumNode as last seen.
     pub own_object: Option<DynamicObject>,
-    pub wg: Option<WgView>,
-    /// Local endpoint (namespace, name) → its security identity.
-    pub identities: BTreeMap<(String, String), u32>,
-    pub policy: policy::Repository,
-    /// Every endpoint in the cluster by IPv4 address (from CiliumEndpoints).
-    pub remote_endpoints: BTreeMap<Ipv4Addr, enforce::RemoteEndpoint>,
-    /// Whether the eBPF datapath enforces the compiled entries.
-    pub datapath: ComponentStatus,
-    /// The watchers the datapath depends on that have listed everything at least once.
-    pub datapath_sources: std::collections::BTreeSet<&'static str>,
+    /// Why watching fails, while it does.
+    pub error: Option<String>,
 }
 
-/// What must have been listed before the datapath is touched: until then a restarted agent
-/// leaves the pinned programs and maps of its previous run enforcing as they are (an empty
-/// view would open or close everything for a moment).
-pub const DATAPATH_SOURCES: [&str; 5] = [
-    "CiliumNetworkPolicy",
-    "CiliumClusterwideNetworkPolicy",
-    "NetworkPolicy",
-    "CiliumIdentity",
-    "CiliumEndpoint",
-];
+/// What this node publishes, and whether it is published. Written by the publisher alone.
+#[derive(Debug, Clone)]
+pub struct OwnView {
+    pub own: OwnNode,
+    pub published: bool,
+    pub error: Option<String>,
+}
 
-impl AgentState {
-    /// The datapath's sources not listed yet (the node list included).
-    pub fn datapath_sources_missing(&self) -> Vec<&'static str> {
-        let mut missing: Vec<&'static str> = DATAPATH_SOURCES
-            .iter()
-            .copied()
-            .filter(|k| !self.datapath_sources.contains(k))
-            .collect();
-        if !self.synced {
-            missing.push("CiliumNode");
+/// meshd's routes as the kernel has them, and per node why its routes are not installed.
+/// Written by the route reconciler alone.
+#[derive(Debug, Clone, Default)]
+pub struct RoutesView {
+    pub installed: routes::RouteSet,
+    pub errors: BTreeMap<String, String>,
+}
+
+/// Each other node's encryption state. Written by the encryption reconciler alone.
+#[derive(Debug, Clone, Default)]
+pub struct EncryptionView {
+    pub nodes: BTreeMap<String, NodeState>,
+    pub error: Option<String>,
+}
+
+/// Local endpoint (namespace, name) → its security identity. Written by the identity reconciler.
+pub type Identities = BTreeMap<(String, String), u32>;
+
+/// Local endpoints as the CNI plugin reported them, persisted in the state directory. Written
+/// by the local API alone; the mutex only orders the API's own writes (file and snapshot), no
+/// reader ever takes it.
+pub struct LocalEndpoints {
+    store: Mutex<EndpointStore>,
+    out: Writer<Vec<EndpointSpec>>,
+}
+
+impl LocalEndpoints {
+    fn new(store: EndpointStore) -> Self {
+        let (out, _) = state::channel(store.list());
+        Self {
+            store: Mutex::new(store),
+            out,
         }
-        missing
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, EndpointStore> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn put(&self, namespace: &str, name: &str, ep: EndpointSpec) -> Result<(), EndpointError> {
+        let mut store = self.store();
+        store.put(namespace, name, ep)?;
+        self.out.set(store.list());
+        Ok(())
+    }
+
+    pub fn delete(&self, namespace: &str, name: &str) -> Result<bool, EndpointError> {
+        let mut store = self.store();
+        let removed = store.delete(namespace, name)?;
+        self.out.set(store.list());
+        Ok(removed)
+    }
+
+    pub fn reader(&self) -> Reader<Vec<EndpointSpec>> {
+        self.out.reader()
     }
 }
 
-/// What the WireGuard reconciler last saw and did.
-pub struct WgView {
-    pub backend: wireguard::Backend,
-    pub public_key: String,
-    pub node_encryption: bool,
-    pub peers: wg::peers::PeerSet,
-    pub device: wg::uapi::DeviceInfo,
-}
-
-impl WgView {
-    fn status(&self) -> meshd_api::WireguardStatus {
-        let now = std::time::SystemTime::now();
-        let mut peers: Vec<meshd_api::WireguardPeer> = self
-            .peers
-            .peers
-            .iter()
-            .map(|(key, want)| {
-                let have = self.device.peers.iter().find(|p| p.public_key == *key);
-                let age = have
-                    .and_then(|h| h.last_handshake)
-                    .and_then(|t| now.duration_since(t).ok())
-                    .map(|d| d.as_secs());
-                let state = match age {
-                    Some(a) if a <= 180 => "up".to_string(),
-                    Some(_) => "stale: no handshake for 3 minutes".to_string(),
-                    None => "waiting for handshake".to_string(),
-                };
-                meshd_api::WireguardPeer {
-                    node: want.node.clone(),
-                    public_key: Some(key.to_base64()),
-                    endpoint: Some(want.endpoint.to_string()),
-                    allowed_ips: want.allowed_ips.iter().map(ToString::to_string).collect(),
-                    last_handshake_seconds: age,
-                    transfer_rx: have.map_or(0, |h| h.rx_bytes),
-                    transfer_tx: have.map_or(0, |h| h.tx_bytes),
-                    state,
-                }
-            })
-            .collect();
-        peers.extend(
-            self.peers
-                .refused
-                .iter()
-                .map(|(node, why)| meshd_api::WireguardPeer {
-                    node: node.clone(),
-                    public_key: None,
-                    endpoint: None,
-                    allowed_ips: vec![],
-                    last_handshake_seconds: None,
-                    transfer_rx: 0,
-                    transfer_tx: 0,
-                    state: format!("refused: {why}"),
-                }),
-        );
-        peers.sort_by(|a, b| a.node.cmp(&b.node));
-        meshd_api::WireguardStatus {
-            backend: match self.backend {
-                wireguard::Backend::Kernel => "kernel".into(),
-                wireguard::Backend::Userspace => "userspace".into(),
-            },
-            interface: wg::INTERFACE.into(),
-            public_key: self.public_key.clone(),
-            listen_port: wg::LISTEN_PORT,
-            node_encryption: self.node_encryption,
-            peers,
-        }
-    }
-}
-
+/// What the local API reads: a reader of every concern, the backend for fresh status, and the
+/// local endpoints it writes.
 pub struct Shared {
     started: Instant,
-    state: Mutex<AgentState>,
-    wake: Notify,
-    /// Local endpoints changed.
-    endpoints_changed: Notify,
-    /// Policies, identities or endpoints changed: recompile.
-    policy_changed: Notify,
-    /// A recompilation finished: the datapath reconciles after it, never before.
-    compiled: Notify,
-    /// Read on each status request, so handshake ages and counters are current.
-    wireguard: Option<Arc<wireguard::WireGuard>>,
+    backend: Arc<dyn EncryptionBackend>,
+    nodes: Reader<NodesView>,
+    own: Reader<OwnView>,
+    routes: Reader<RoutesView>,
+    encryption: Reader<EncryptionView>,
+    pub local: LocalEndpoints,
+    identities: Reader<Identities>,
+    policy: Reader<PolicyView>,
+    datapath: Reader<ComponentStatus>,
     /// Datapath events for `meshd monitor`.
     pub monitor: tokio::sync::broadcast::Sender<meshd_api::MonitorEvent>,
 }
 
 impl Shared {
-    /// Status with the WireGuard device read just now.
-    pub async fn fresh_status(&self) -> Status {
-        if let Some(w) = &self.wireguard
-            && let Ok(device) = w.device_info().await
-            && let Some(view) = self.lock().wg.as_mut()
-        {
-            view.device = device;
-        }
-        self.status()
-    }
-
-    pub fn lock(&self) -> MutexGuard<'_, AgentState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Asks the reconcilers to run now.
-    pub fn trigger(&self) {
-        self.wake.notify_waiters();
-    }
-
-    /// Local endpoints were added or removed.
-    pub fn endpoints_changed(&self) {
-        self.endpoints_changed.notify_waiters();
-        self.policy_changed();
-        self.trigger();
-    }
-
-    pub fn policy_changed(&self) {
-        self.policy_changed.notify_waiters();
-    }
-
     pub fn policy_status(&self) -> meshd_api::PolicyStatus {
-        let s = self.lock();
-        let objects = s
-            .policy
+        let view = self.policy.peek();
+        let identities = self.identities.peek();
+        let datapath = self.datapath.peek();
+        let objects = view
             .objects
             .iter()
             .map(|((kind, ns, name), e)| meshd_api::PolicyObjectStatus {
@@ -222,13 +211,12 @@ impl Shared {
                     .collect(),
             })
             .collect();
-        let endpoints = s
-            .policy
+        let endpoints = view
             .compiled
             .iter()
             .map(|((ns, name), c)| meshd_api::EndpointPolicy {
                 endpoint: format!("{ns}/{name}"),
-                identity: s.identities.get(&(ns.clone(), name.clone())).copied(),
+                identity: identities.get(&(ns.clone(), name.clone())).copied(),
                 ingress_enforced: c.ingress_enforced,
                 egress_enforced: c.egress_enforced,
                 entries: c
@@ -255,9 +243,9 @@ impl Shared {
             })
             .collect();
         meshd_api::PolicyStatus {
-            enforcement: match s.datapath.state {
-                Health::Ok => format!("enforced by the eBPF datapath ({})", s.datapath.message),
-                _ => format!("NOT enforced: {}", s.datapath.message),
+            enforcement: match datapath.state {
+                Health::Ok => format!("enforced by the eBPF datapath ({})", datapath.message),
+                _ => format!("NOT enforced: {}", datapath.message),
             },
             objects,
             endpoints,
@@ -265,14 +253,15 @@ impl Shared {
     }
 
     /// Local endpoints with the identities allocated for them.
-    pub fn endpoints(&self) -> Vec<meshd_api::EndpointSpec> {
-        let s = self.lock();
-        s.endpoints
-            .list()
-            .into_iter()
+    pub fn endpoints(&self) -> Vec<EndpointSpec> {
+        let identities = self.identities.peek();
+        self.local
+            .reader()
+            .peek()
+            .iter()
+            .cloned()
             .map(|mut e| {
-                e.identity = s
-                    .identities
+                e.identity = identities
                     .get(&(e.namespace.clone(), e.name.clone()))
                     .copied();
                 e
@@ -280,33 +269,47 @@ impl Shared {
             .collect()
     }
 
-    pub fn status(&self) -> Status {
-        let s = self.lock();
-        let kubernetes = match (&s.kubernetes.state, s.synced, s.published) {
-            (Health::Ok, true, true) => s.kubernetes.clone(),
-            (Health::Ok, false, _) => ComponentStatus {
+    /// Status with the encryption device read just now.
+    pub async fn status(&self) -> Status {
+        let report = self.backend.report().await;
+        let nodes = self.nodes.peek();
+        let own = self.own.peek();
+        let routes = self.routes.peek();
+        let encryption = self.encryption.peek();
+        let kubernetes = if let Some(e) = nodes.error.as_ref().or(own.error.as_ref()) {
+            ComponentStatus {
+                state: Health::Failure,
+                message: e.clone(),
+            }
+        } else if !nodes.synced {
+            ComponentStatus {
                 state: Health::Degraded,
                 message: "listing CiliumNodes".into(),
-            },
-            (Health::Ok, true, false) => ComponentStatus {
+            }
+        } else if !own.published {
+            ComponentStatus {
                 state: Health::Degraded,
                 message: "publishing the own CiliumNode".into(),
-            },
-            _ => s.kubernetes.clone(),
+            }
+        } else {
+            ComponentStatus {
+                state: Health::Ok,
+                message: "Ok".into(),
+            }
         };
-        let nodes = s
+        let node_status = nodes
             .table
-            .nodes
-            .values()
-            .filter(|n| n.name != s.own.name)
+            .others(&own.own.name)
             .map(|n| {
                 let installed: Vec<_> = n
                     .pod_cidrs
                     .iter()
-                    .filter(|c| matches!(c, ipnet::IpNet::V4(v4) if s.routes.contains_key(v4)))
+                    .filter(
+                        |c| matches!(c, ipnet::IpNet::V4(v4) if routes.installed.contains_key(v4)),
+                    )
                     .map(ToString::to_string)
                     .collect();
-                let routes = if let Some(e) = s.route_errors.get(&n.name) {
+                let state = if let Some(e) = routes.errors.get(&n.name) {
                     ComponentStatus {
                         state: Health::Failure,
                         message: e.clone(),
@@ -335,10 +338,11 @@ impl Shared {
                     name: n.name.clone(),
                     addresses: n.addresses.clone(),
                     pod_cidrs: n.pod_cidrs.iter().map(ToString::to_string).collect(),
-                    routes,
+                    routes: state,
+                    encryption: encryption.nodes.get(&n.name).map(ToString::to_string),
                 }
             })
-            .chain(s.table.invalid.values().map(|e| NodeStatus {
+            .chain(nodes.table.invalid.values().map(|e| NodeStatus {
                 name: e.node.clone(),
                 addresses: vec![],
                 pod_cidrs: vec![],
@@ -346,67 +350,56 @@ impl Shared {
                     state: Health::Failure,
                     message: format!("invalid: {}: {}", e.field, e.message),
                 },
+                encryption: None,
             }))
             .collect();
-        let wireguard = s.wg.as_ref().map(WgView::status);
-        let encryption = match &wireguard {
-            // Cilium's `Encryption:` line, after its tab.
-            Some(w) => format!(
-                "Wireguard\t[NodeEncryption: {}, {} (Pubkey: {}, Port: {}, Peers: {})]",
-                if w.node_encryption {
-                    "Enabled"
-                } else {
-                    "Disabled"
-                },
-                w.interface,
-                w.public_key,
-                w.listen_port,
-                s.wg.as_ref().map_or(0, |v| v.peers.peers.len()),
-            ),
-            None => "Disabled".into(),
-        };
         Status {
-            node_name: s.own.name.clone(),
+            node_name: own.own.name.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             kubernetes,
-            node_addresses: vec![s.own.internal_ip],
-            pod_cidrs: s.own.pod_cidrs.clone(),
-            encryption,
-            wireguard,
-            nodes,
-            endpoints: s.endpoints.len(),
+            node_addresses: vec![own.own.internal_ip],
+            pod_cidrs: own.own.pod_cidrs.clone(),
+            encryption: report.line,
+            wireguard: report.wireguard,
+            nodes: node_status,
+            endpoints: self.local.reader().peek().len(),
             uptime_seconds: self.started.elapsed().as_secs(),
         }
     }
 }
 
-async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client> {
+async fn kube_client(cfg: &AgentConfig) -> Result<kube::Client, AgentError> {
     let config = match &cfg.k8s_kubeconfig_path {
         Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path).with_context(|| {
-                format!(
-                    "reading the kubeconfig {} (k8s-kubeconfig-path)",
-                    path.display()
-                )
-            })?;
+            let kc =
+                kube::config::Kubeconfig::read_from(path).map_err(|e| AgentError::Kubeconfig {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
             kube::Config::from_custom_kubeconfig(kc, &Default::default())
                 .await
-                .with_context(|| format!("the kubeconfig {} is unusable", path.display()))?
+                .map_err(|e| AgentError::Kubeconfig {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
         }
-        None => kube::Config::incluster()
-            .context("no k8s-kubeconfig-path given and not running in a cluster")?,
+        None => kube::Config::incluster().map_err(|e| AgentError::InCluster(e.to_string()))?,
     };
-    kube::Client::try_from(config).context("building the Kubernetes client")
+    kube::Client::try_from(config).map_err(|e| AgentError::KubeClient(e.to_string()))
 }
 
 /// The first global IPv4 address of a non-loopback interface.
-async fn detect_node_ip() -> Result<Ipv4Addr> {
+async fn detect_node_ip() -> Result<Ipv4Addr, AgentError> {
     use rtnetlink::packet_route::address::AddressAttribute;
-    let (conn, handle, _) = rtnetlink::new_connection().context("opening a netlink socket")?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(AgentError::Netlink)?;
     let task = tokio::spawn(conn);
     let mut dump = handle.address().get().execute();
     let mut found = None;
-    while let Some(msg) = dump.try_next().await.context("listing addresses")? {
+    while let Some(msg) = dump
+        .try_next()
+        .await
+        .map_err(|e| AgentError::NodeIp(format!("listing addresses: {e}")))?
+    {
         for a in &msg.attributes {
             if let AddressAttribute::Address(IpAddr::V4(ip)) = a
                 && !ip.is_loopback()
@@ -420,7 +413,7 @@ async fn detect_node_ip() -> Result<Ipv4Addr> {
         }
     }
     task.abort();
-    found.context("no IPv4 address found on this node; set ipv4-node")
+    found.ok_or_else(|| AgentError::NodeIp("no IPv4 address found on this node".into()))
 }
 
 fn boot_id() -> String {
@@ -429,356 +422,459 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-pub async fn run(cfg: AgentConfig) -> Result<()> {
+/// The agent's tasks; the first to end, for whatever reason, ends the agent.
+struct Tasks {
+    set: tokio::task::JoinSet<Result<(), AgentError>>,
+    names: BTreeMap<tokio::task::Id, &'static str>,
+}
+
+impl Tasks {
+    fn new() -> Self {
+        Self {
+            set: tokio::task::JoinSet::new(),
+            names: BTreeMap::new(),
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        task: impl Future<Output = Result<(), AgentError>> + Send + 'static,
+    ) {
+        let handle = self
+            .set
+            .spawn(task.instrument(info_span!("task", task = name)));
+        self.names.insert(handle.id(), name);
+    }
+
+    /// Waits for the first task to end and says why, as an error: no task is meant to end.
+    async fn first_ended(&mut self) -> AgentError {
+        match self.set.join_next_with_id().await {
+            Some(Ok((id, result))) => {
+                let task = self.names.get(&id).copied().unwrap_or("unnamed");
+                match result {
+                    Ok(()) => AgentError::TaskEnded { task },
+                    Err(e) => AgentError::TaskFailed {
+                        task,
+                        source: Box::new(e),
+                    },
+                }
+            }
+            Some(Err(e)) => {
+                let task = self.names.get(&e.id()).copied().unwrap_or("unnamed");
+                AgentError::TaskPanicked {
+                    task,
+                    message: e.to_string(),
+                }
+            }
+            None => AgentError::TaskEnded { task: "every" },
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.set.shutdown().await;
+    }
+}
+
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     cfg.validate()?;
     let node_name = match &cfg.node_name {
         Some(n) => n.clone(),
         None => nix::unistd::gethostname()
-            .context("no node-name given and the hostname is unreadable")?
+            .map_err(AgentError::Hostname)?
             .to_string_lossy()
             .into_owned(),
     };
-    std::fs::create_dir_all(&cfg.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {} (state-dir)",
-            cfg.state_dir.display()
-        )
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
     })?;
     let ip = match cfg.ipv4_node {
         Some(ip) => ip,
         None => detect_node_ip().await?,
     };
     let client = kube_client(&cfg).await?;
-    let api: Api<DynamicObject> = Api::all_with(client, &nodes::cilium_node_resource());
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &nodes::cilium_node_resource());
     let routes = RouteManager::new()?;
-    let endpoints = EndpointStore::load(&cfg.state_dir)?;
-    let wg = if cfg.enable_wireguard {
-        Some(Arc::new(wireguard::WireGuard::start(&cfg, ip).await?))
-    } else {
+    let local = LocalEndpoints::new(EndpointStore::load(&cfg.state_dir)?);
+    // Refuse at start on a kernel the datapath cannot work with, naming what is missing.
+    let attach_mode = if cfg.enable_policy == "never" {
         None
+    } else {
+        let mode = datapath::AttachMode::for_running_kernel()?;
+        info!(%mode, "eBPF programs attach with {mode}");
+        Some(mode)
     };
+    let backend = encryption::start(&cfg, ip).await?;
+    let pin_dir = cfg.bpf_root.join("meshd");
     let own = OwnNode {
         name: node_name.clone(),
         internal_ip: IpAddr::V4(ip),
         pod_cidrs: cfg.ipv4_range.iter().map(ToString::to_string).collect(),
         boot_id: boot_id(),
-        wg_public_key: wg.as_ref().map(|w| w.public_key.to_base64()),
+        encryption: backend.publication(),
     };
-    info!(node = %node_name, ip = %ip, pod_cidrs = ?own.pod_cidrs, "meshd agent starting");
+    info!(node = %node_name, %ip, pod_cidrs = ?own.pod_cidrs, encryption = ?backend.mode(), "meshd agent starting");
+
+    // One writer per concern; the readers go to whoever needs them.
+    let (nodes_w, nodes_r) = state::channel(NodesView {
+        // The node ids of an earlier run, read back from the pinned ipcache.
+        table: NodeTable::with_ids(enforce::pinned_node_ids(&pin_dir)),
+        ..Default::default()
+    });
+    let (own_w, own_r) = state::channel(OwnView {
+        own,
+        published: false,
+        error: None,
+    });
+    let (routes_w, routes_r) = state::channel(RoutesView::default());
+    let (enc_w, enc_r) = state::channel(EncryptionView::default());
+    let (ids_w, ids_r) = state::channel(Identities::new());
+    let (policy_w, policy_r) = state::channel(PolicyView::default());
+    let (datapath_w, datapath_r) = state::channel(ComponentStatus {
+        state: Health::Disabled,
+        message: "starting".into(),
+    });
+    let (idsrc_w, idsrc_r) = state::channel(IdentitySource::default());
+    let (cluster_w, cluster_r) = state::channel(enforce::ClusterEndpoints::default());
+    let local_r = local.reader();
+
     let shared = Arc::new(Shared {
         started: Instant::now(),
-        state: Mutex::new(AgentState {
-            kubernetes: ComponentStatus {
-                state: Health::Degraded,
-                message: "connecting".into(),
-            },
-            table: NodeTable::default(),
-            synced: false,
-            published: false,
-            route_errors: BTreeMap::new(),
-            routes: Default::default(),
-            endpoints,
-            own,
-            own_object: None,
-            wg: None,
-            identities: BTreeMap::new(),
-            policy: policy::Repository::default(),
-            remote_endpoints: BTreeMap::new(),
-            datapath: ComponentStatus {
-                state: Health::Disabled,
-                message: "starting".into(),
-            },
-            datapath_sources: Default::default(),
-        }),
-        wake: Notify::new(),
-        endpoints_changed: Notify::new(),
-        policy_changed: Notify::new(),
-        compiled: Notify::new(),
-        wireguard: wg.clone(),
+        backend: backend.clone(),
+        nodes: nodes_r.clone(),
+        own: own_r.clone(),
+        routes: routes_r,
+        encryption: enc_r,
+        local,
+        identities: ids_r.clone(),
+        policy: policy_r.clone(),
+        datapath: datapath_r,
         monitor: tokio::sync::broadcast::channel(1024).0,
     });
 
     let listener = api::bind(&cfg.socket_path).await?;
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(api::serve(listener, shared.clone()));
-    tasks.spawn(watch_nodes(api.clone(), shared.clone()));
-    tasks.spawn(publish_own_node(api.clone(), shared.clone()));
-    tasks.spawn(reconcile_endpoints(
-        api.clone().into_client(),
-        shared.clone(),
-        wg.is_some(),
-    ));
+    let mut tasks = Tasks::new();
+    tasks.spawn("local API", api::serve(listener, shared.clone()));
+    tasks.spawn(
+        "CiliumNode watcher",
+        watch_nodes(api.clone(), node_name.clone(), nodes_w),
+    );
+    tasks.spawn(
+        "CiliumNode publisher",
+        publish_own_node(api.clone(), nodes_r.clone(), own_w),
+    );
+    tasks.spawn(
+        "identity reconciler",
+        reconcile_endpoints(
+            client.clone(),
+            own_r.clone(),
+            nodes_r.clone(),
+            local_r.clone(),
+            ids_w,
+        ),
+    );
+    let mut sources = Vec::new();
     for kind in [
-        policy::PolicyKind::CiliumNetworkPolicy,
-        policy::PolicyKind::CiliumClusterwideNetworkPolicy,
-        policy::PolicyKind::NetworkPolicy,
+        PolicyKind::CiliumNetworkPolicy,
+        PolicyKind::CiliumClusterwideNetworkPolicy,
+        PolicyKind::NetworkPolicy,
     ] {
-        tasks.spawn(policy::watch_policies(
-            api.clone().into_client(),
-            kind,
-            shared.clone(),
-        ));
+        let (w, r) = state::channel(PolicySource::default());
+        sources.push((kind, r));
+        tasks.spawn(kind.kind(), policy::watch_policies(client.clone(), kind, w));
     }
-    tasks.spawn(policy::watch_identities(
-        api.clone().into_client(),
-        shared.clone(),
-    ));
-    tasks.spawn(policy::recompile_loop(shared.clone()));
-    if cfg.enable_policy == "never" {
-        shared.lock().datapath = ComponentStatus {
+    tasks.spawn(
+        "CiliumIdentity watcher",
+        policy::watch_identities(client.clone(), idsrc_w),
+    );
+    tasks.spawn(
+        "policy compiler",
+        policy::recompile_loop(sources, idsrc_r, local_r.clone(), policy_w),
+    );
+    if let Some(mode) = attach_mode {
+        tasks.spawn(
+            "CiliumEndpoint watcher",
+            enforce::watch_endpoints(client.clone(), cluster_w),
+        );
+        tasks.spawn(
+            "datapath",
+            enforce::enforce_loop(
+                enforce::Enforcer::new(pin_dir, mode),
+                enforce::Sources {
+                    own: own_r.clone(),
+                    nodes: nodes_r.clone(),
+                    cluster: cluster_r,
+                    local: local_r,
+                    identities: ids_r,
+                    policy: policy_r,
+                },
+                datapath_w,
+                shared.monitor.clone(),
+            ),
+        );
+    } else {
+        datapath_w.set(ComponentStatus {
             state: Health::Disabled,
             message: "enable-policy=never".into(),
-        };
-    } else {
-        tasks.spawn(enforce::watch_endpoints(
-            api.clone().into_client(),
-            shared.clone(),
-        ));
-        tasks.spawn(enforce::enforce_loop(
-            enforce::Enforcer::new(cfg.bpf_root.join("meshd")),
-            shared.clone(),
-        ));
+        });
+        drop(cluster_w);
     }
-    tasks.spawn(reconcile_datapath(
-        routes,
-        wg,
-        shared.clone(),
-        cfg.route_sync_interval,
-    ));
+    tasks.spawn(
+        "encryption and routes",
+        reconcile_encryption_and_routes(
+            backend,
+            routes,
+            nodes_r,
+            own_r,
+            enc_w,
+            routes_w,
+            cfg.route_sync_interval,
+        ),
+    );
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: stopping; routes stay in place"),
-        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping; routes stay in place"),
-        Some(res) = tasks.join_next() => error!(?res, "a component stopped unexpectedly"),
-    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Signals)?;
+    let result = tokio::select! {
+        _ = term.recv() => {
+            info!("SIGTERM: stopping; routes stay in place");
+            Ok(())
+        }
+        _ = tokio::signal::ctrl_c() => {
+            info!("interrupted: stopping; routes stay in place");
+            Ok(())
+        }
+        e = tasks.first_ended() => {
+            error!(error = %e, "an agent task ended; stopping the agent (routes stay in place)");
+            Err(e)
+        }
+    };
     tasks.shutdown().await;
     let _ = std::fs::remove_file(&cfg.socket_path);
-    Ok(())
+    result
 }
 
-async fn watch_nodes(api: Api<DynamicObject>, shared: Arc<Shared>) {
+async fn watch_nodes(
+    api: Api<DynamicObject>,
+    own_name: String,
+    out: Writer<NodesView>,
+) -> Result<(), AgentError> {
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut buffer: Option<NodeTable> = None;
-    loop {
-        match stream.next().await {
-            Some(Ok(ev)) => {
-                let mut s = shared.lock();
-                let own_name = s.own.name.clone();
-                let is_own =
-                    |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
-                match ev {
-                    watcher::Event::Init => buffer = Some(NodeTable::default()),
-                    watcher::Event::InitApply(o) => {
-                        if is_own(&o) {
-                            s.own_object = Some(o.clone());
-                        }
-                        buffer.get_or_insert_with(NodeTable::default).apply(&o);
-                    }
-                    watcher::Event::InitDone => {
-                        let table = buffer.take().unwrap_or_default();
-                        if !table.nodes.contains_key(&own_name)
-                            && !table.invalid.contains_key(&own_name)
-                        {
-                            s.own_object = None;
-                        }
-                        s.table = table;
-                        s.synced = true;
-                        s.kubernetes = ComponentStatus {
-                            state: Health::Ok,
-                            message: "Ok".into(),
-                        };
-                    }
-                    watcher::Event::Apply(o) => {
-                        if is_own(&o) {
-                            s.own_object = Some(o.clone());
-                        }
-                        s.table.apply(&o);
-                    }
-                    watcher::Event::Delete(o) => {
-                        if is_own(&o) {
-                            s.own_object = None;
-                        }
-                        s.table
-                            .delete(o.metadata.name.as_deref().unwrap_or_default());
-                    }
+    let mut buffer: Option<Vec<DynamicObject>> = None;
+    let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
+            Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
+            Ok(watcher::Event::InitDone) => {
+                let objects = buffer.take().unwrap_or_default();
+                out.update(|v| {
+                    v.own_object = objects.iter().find(|o| is_own(o)).cloned();
+                    v.table.replace_all(&objects);
+                    v.synced = true;
+                    v.error = None;
+                    true
+                });
+            }
+            Ok(watcher::Event::Apply(o)) => out.update(|v| {
+                if is_own(&o) {
+                    v.own_object = Some(o.clone());
                 }
-                drop(s);
-                shared.trigger();
+                v.table.apply(&o);
+                v.error = None;
+                true
+            }),
+            Ok(watcher::Event::Delete(o)) => out.update(|v| {
+                if is_own(&o) {
+                    v.own_object = None;
+                }
+                v.table
+                    .delete(o.metadata.name.as_deref().unwrap_or_default());
+                v.error = None;
+                true
+            }),
+            Err(e) => {
+                warn!(kind = "CiliumNode", error = %e, "watching CiliumNodes failed; retrying");
+                let message = format!("watching CiliumNodes: {e}");
+                out.update(|v| {
+                    let changed = v.error.as_ref() != Some(&message);
+                    v.error = Some(message);
+                    changed
+                });
             }
-            Some(Err(e)) => {
-                warn!(error = %e, "watching CiliumNodes failed; retrying");
-                shared.lock().kubernetes = ComponentStatus {
-                    state: Health::Failure,
-                    message: format!("watching CiliumNodes: {e}"),
-                };
-            }
-            None => return,
         }
     }
+    Err(AgentError::WatchEnded("CiliumNode"))
 }
 
 /// Keeps the own CiliumNode as this agent says it should be: on start, whenever the object
 /// changes (someone edited or deleted it) and every minute.
-async fn publish_own_node(api: Api<DynamicObject>, shared: Arc<Shared>) {
+async fn publish_own_node(
+    api: Api<DynamicObject>,
+    mut nodes: Reader<NodesView>,
+    out: Writer<OwnView>,
+) -> Result<(), AgentError> {
     let mut force = true;
     loop {
-        let wake = shared.wake.notified();
-        let (own, current) = {
-            let s = shared.lock();
-            let current = s.synced
-                && s.own_object
-                    .as_ref()
-                    .is_some_and(|o| s.own.is_published_in(o));
-            (s.own.clone(), current)
-        };
+        let view = nodes.get();
+        let mut own = out.current().own.clone();
+        // Adopt pod CIDRs an operator assigned when none were configured.
+        if own.pod_cidrs.is_empty()
+            && let Some(n) = view.table.nodes.get(&own.name)
+            && !n.pod_cidrs.is_empty()
+        {
+            own.pod_cidrs = n.pod_cidrs.iter().map(ToString::to_string).collect();
+            info!(node = %own.name, pod_cidrs = ?own.pod_cidrs, "adopting the pod CIDRs assigned to this node");
+        }
+        let current = view.synced
+            && view
+                .own_object
+                .as_ref()
+                .is_some_and(|o| own.is_published_in(o));
         // Only talk to the API server when the cached object disagrees (or on the timer).
-        if current && !force {
-            tokio::select! {
-                _ = wake => {}
-                _ = tokio::time::sleep(Duration::from_secs(60)) => force = true,
+        if !current || force {
+            force = false;
+            match own.publish(&api).await {
+                Ok(()) => {
+                    if !out.current().published {
+                        info!(node = %own.name, "CiliumNode published");
+                    }
+                    out.set(OwnView {
+                        own,
+                        published: true,
+                        error: None,
+                    });
+                }
+                Err(e) => {
+                    warn!(node = %own.name, error = %e, "publishing the CiliumNode failed; retrying");
+                    out.set(OwnView {
+                        error: Some(format!("publishing CiliumNode {}: {e}", own.name)),
+                        own,
+                        published: false,
+                    });
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
             }
-            continue;
+        } else if out.current().own != own {
+            out.update(|v| {
+                v.own = own;
+                true
+            });
         }
-        force = false;
-        match own.publish(&api).await {
-            Ok(()) => {
-                let mut s = shared.lock();
-                if !s.published {
-                    info!(node = %own.name, "CiliumNode published");
-                }
-                s.published = true;
-                // Adopt pod CIDRs an operator assigned when none were configured.
-                if s.own.pod_cidrs.is_empty()
-                    && let Some(n) = s.table.nodes.get(&own.name)
-                {
-                    s.own.pod_cidrs = n.pod_cidrs.iter().map(ToString::to_string).collect();
-                }
-            }
-            Err(e) => {
-                warn!(node = %own.name, error = %e, "publishing the CiliumNode failed; retrying");
-                {
-                    let mut s = shared.lock();
-                    s.published = false;
-                    s.kubernetes = ComponentStatus {
-                        state: Health::Failure,
-                        message: format!("publishing CiliumNode {}: {e}", own.name),
-                    };
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        }
-        tokio::select! {
-            _ = wake => {}
-            _ = tokio::time::sleep(Duration::from_secs(60)) => force = true,
+        if !any_change(&mut [&mut nodes], Duration::from_secs(60)).await? {
+            force = true;
         }
     }
 }
 
-/// Peers first, then routes: a remote pod CIDR is routed into the WireGuard device only once
-/// the device knows where to send it.
-async fn reconcile_datapath(
+/// Encryption first, then routes: a remote pod CIDR is routed into the tunnel only once the
+/// backend knows where to send it.
+async fn reconcile_encryption_and_routes(
+    backend: Arc<dyn EncryptionBackend>,
     routes: RouteManager,
-    wg: Option<Arc<wireguard::WireGuard>>,
-    shared: Arc<Shared>,
+    mut nodes: Reader<NodesView>,
+    mut own: Reader<OwnView>,
+    enc_out: Writer<EncryptionView>,
+    routes_out: Writer<RoutesView>,
     every: Duration,
-) {
+) -> Result<(), AgentError> {
     loop {
-        let wake = shared.wake.notified();
-        let (desired, synced, claims, previous) = {
-            let s = shared.lock();
-            let device = wg.as_ref().map(|w| w.ifindex);
-            let previous = s.wg.as_ref().map(|v| v.peers.clone()).unwrap_or_default();
-            (
-                routes::desired(&s.table, &s.own.name, device),
-                s.synced,
-                wg.as_ref().map(|w| w.claims(&s.table, &s.own.name)),
-                previous,
-            )
+        let view = nodes.get();
+        let own_view = own.get();
+        let own_name = own_view.own.name.clone();
+        let node_ip = match own_view.own.internal_ip {
+            IpAddr::V4(ip) => ip,
+            IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
         };
-        if let (Some(w), Some(claims), true) = (&wg, claims, synced) {
-            match w.reconcile(claims, &previous).await {
-                Ok((peers, device)) => {
-                    shared.lock().wg = Some(WgView {
-                        backend: w.backend,
-                        public_key: w.public_key.to_base64(),
-                        node_encryption: w.node_encryption,
-                        peers,
-                        device,
+        // Before the first full list, an empty table would remove every peer and route: wait.
+        if view.synced {
+            match backend.reconcile(&view.table, &own_name).await {
+                Ok(states) => enc_out.set(EncryptionView {
+                    nodes: states,
+                    error: None,
+                }),
+                Err(e) => {
+                    warn!(error = %e, "encryption reconciliation failed; retrying");
+                    enc_out.update(|v| {
+                        v.error = Some(e.to_string());
+                        true
                     });
                 }
-                Err(e) => warn!(error = %e, "WireGuard peer reconciliation failed; retrying"),
             }
-        }
-        // Before the first full list, an empty table would remove every route: wait.
-        if synced {
+            let underlay_mtu = match routes.underlay_mtu(node_ip).await {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "assuming an underlay MTU of 1500");
+                    1500
+                }
+            };
+            let desired = routes::desired(&view.table, &own_name, backend.as_ref(), underlay_mtu);
             match routes.reconcile(&desired).await {
                 Ok(_) => {
                     let installed = routes.installed().await.unwrap_or_default();
-                    let mut s = shared.lock();
-                    s.routes = installed;
-                    s.route_errors.clear();
+                    routes_out.set(RoutesView {
+                        installed,
+                        errors: BTreeMap::new(),
+                    });
                 }
                 Err(e) => {
                     warn!(error = %e, "route reconciliation failed; retrying");
+                    if let RouteError::Add { dst, .. } = &e
+                        && let Some(node) = view.table.others(&own_name).find(|n| {
+                            n.pod_cidrs
+                                .iter()
+                                .any(|c| matches!(c, ipnet::IpNet::V4(v4) if v4 == dst))
+                        })
                     {
-                        let mut s = shared.lock();
-                        let gw_to_node: BTreeMap<IpAddr, String> = s
-                            .table
-                            .nodes
-                            .values()
-                            .filter_map(|n| n.internal_ip.map(|ip| (ip, n.name.clone())))
-                            .collect();
-                        if let routes::RouteError::Add {
-                            hop: routes::NextHop::Gateway(gateway),
-                            ..
-                        } = &e
-                            && let Some(n) = gw_to_node.get(&IpAddr::V4(*gateway))
-                        {
-                            s.route_errors.insert(n.clone(), e.to_string());
-                        }
+                        let (node, message) = (node.name.clone(), e.to_string());
+                        routes_out.update(|v| {
+                            v.errors.insert(node, message);
+                            true
+                        });
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             }
         }
-        // With WireGuard, refresh handshake ages and counters for status more often.
-        let tick = if wg.is_some() {
-            every.min(Duration::from_secs(5))
-        } else {
+        // Handshake ages and counters feed the encryption view: refresh them more often.
+        let tick = if backend.mode() == encryption::Mode::Disabled {
             every
+        } else {
+            every.min(Duration::from_secs(5))
         };
-        tokio::select! {
-            _ = wake => {}
-            _ = tokio::time::sleep(tick) => {}
-        }
+        any_change(&mut [&mut nodes, &mut own], tick).await?;
     }
 }
 
 /// Local endpoints → identities and CiliumEndpoint objects; this node's CiliumEndpoints that no
 /// endpoint backs any more are removed (also those left from before a restart).
-async fn reconcile_endpoints(client: kube::Client, shared: Arc<Shared>, encrypted: bool) {
+async fn reconcile_endpoints(
+    client: kube::Client,
+    mut own: Reader<OwnView>,
+    mut nodes: Reader<NodesView>,
+    mut local: Reader<Vec<EndpointSpec>>,
+    out: Writer<Identities>,
+) -> Result<(), AgentError> {
     let ids: Api<DynamicObject> = Api::all_with(client.clone(), &identity::identity_resource());
     let mut by_labels: BTreeMap<BTreeMap<String, String>, u32> = BTreeMap::new();
     loop {
-        let wake = shared.endpoints_changed.notified();
-        let (eps, node, node_ip, synced) = {
-            let s = shared.lock();
-            (
-                s.endpoints.list(),
-                s.own.name.clone(),
-                s.own.internal_ip.to_string(),
-                s.synced,
-            )
-        };
+        let eps = local.get();
+        let own_view = own.get();
+        let synced = nodes.get().synced;
+        let (node, node_ip) = (
+            own_view.own.name.clone(),
+            own_view.own.internal_ip.to_string(),
+        );
+        let encrypt_key = own_view.own.encryption.encryption_key.unwrap_or(0);
         let mut ok = synced;
         if synced {
             let mut assigned = BTreeMap::new();
-            for ep in &eps {
+            for ep in eps.iter() {
+                let endpoint = format!("{}/{}", ep.namespace, ep.name);
                 let labels = identity::security_labels(ep);
                 let id = match by_labels.get(&labels) {
                     Some(id) => *id,
@@ -788,26 +884,15 @@ async fn reconcile_endpoints(client: kube::Client, shared: Arc<Shared>, encrypte
                             id
                         }
                         Err(e) => {
-                            warn!(endpoint = %format!("{}/{}", ep.namespace, ep.name), error = %e, "no identity yet; retrying");
+                            warn!(%endpoint, error = %e, "no identity yet; retrying");
                             ok = false;
                             continue;
                         }
                     },
                 };
-                let cep = identity::cilium_endpoint(
-                    ep,
-                    id,
-                    &labels,
-                    &node,
-                    &node_ip,
-                    if encrypted {
-                        wireguard::STATIC_ENCRYPT_KEY
-                    } else {
-                        0
-                    },
-                );
+                let cep = identity::cilium_endpoint(ep, id, &labels, &node, &node_ip, encrypt_key);
                 if let Err(e) = identity::publish_endpoint(&client, &cep).await {
-                    warn!(endpoint = %format!("{}/{}", ep.namespace, ep.name), error = %e, "publishing the CiliumEndpoint failed; retrying");
+                    warn!(%endpoint, error = %e, "publishing the CiliumEndpoint failed; retrying");
                     ok = false;
                 }
                 assigned.insert((ep.namespace.clone(), ep.name.clone()), id);
@@ -820,25 +905,55 @@ async fn reconcile_endpoints(client: kube::Client, shared: Arc<Shared>, encrypte
                 warn!(error = %e, "removing stale CiliumEndpoints failed; retrying");
                 ok = false;
             }
-            let changed = {
-                let mut s = shared.lock();
-                let changed = s.identities != assigned;
-                s.identities = assigned;
+            // New identities wake the policy compiler and the datapath.
+            out.update(|v| {
+                let changed = *v != assigned;
+                *v = assigned;
                 changed
-            };
-            if changed {
-                // New identities: the datapath can attach and policies may select them.
-                shared.policy_changed();
-            }
+            });
         }
         let retry = if ok {
             Duration::from_secs(30)
         } else {
             Duration::from_secs(1)
         };
-        tokio::select! {
-            _ = wake => {}
-            _ = tokio::time::sleep(retry) => {}
+        let mut watched: [&mut dyn Watched; 2] = [&mut local, &mut nodes];
+        // Node table changes matter only until the first list.
+        if synced {
+            any_change(&mut watched[..1], retry).await?;
+        } else {
+            any_change(&mut watched, retry).await?;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_task_that_ends_ends_the_agent_with_its_name() {
+        let mut tasks = Tasks::new();
+        tasks.spawn("forever", futures::future::pending());
+        tasks.spawn("watcher", async {
+            Err(AgentError::WatchEnded("CiliumNode"))
+        });
+        let e = tasks.first_ended().await;
+        assert_eq!(
+            e.to_string(),
+            "the agent's watcher task failed: the CiliumNode watch ended; the agent cannot stay current without it"
+        );
+        let mut tasks = Tasks::new();
+        tasks.spawn("quiet", async { Ok(()) });
+        assert!(matches!(
+            tasks.first_ended().await,
+            AgentError::TaskEnded { task: "quiet" }
+        ));
+        let mut tasks = Tasks::new();
+        tasks.spawn("boom", async { panic!("boom") });
+        assert!(matches!(
+            tasks.first_ended().await,
+            AgentError::TaskPanicked { task: "boom", .. }
+        ));
     }
 }

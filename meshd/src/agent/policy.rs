@@ -1,11 +1,13 @@
-//! The agent's policy repository: every CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and
+//! The agent's policy concern: every CiliumNetworkPolicy, CiliumClusterwideNetworkPolicy and
 //! NetworkPolicy, checked as it arrives (a malformed update is reported and the last good
 //! version stays in force), the identities they select from, and the compiled entries of each
-//! local endpoint. This is what the eBPF datapath will enforce; until it exists nothing here
-//! drops a packet, and status says so.
+//! local endpoint, which the eBPF datapath (`enforce`) puts into the kernel. Each kind has its
+//! own watcher and source; one loop compiles from their snapshots.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+
+use meshd_api::EndpointSpec;
 
 use futures::StreamExt as _;
 use kube::api::{Api, ApiResource, DynamicObject};
@@ -14,7 +16,8 @@ use policy::{CidrIdentities, Compiled, EndpointLabels, IdentityInfo, Policy, Pol
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::Shared;
+use super::AgentError;
+use super::state::{Reader, Watched, Writer, any_change};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[expect(
@@ -78,28 +81,28 @@ pub struct Entry {
     pub error: Option<PolicyError>,
 }
 
-#[derive(Debug, Default)]
-pub struct Repository {
-    pub objects: BTreeMap<PolicyRef, Entry>,
-    pub identities: BTreeMap<u32, IdentityInfo>,
-    /// Per local endpoint (namespace, name): what its policy maps should hold.
-    pub compiled: BTreeMap<(String, String), Compiled>,
-    pub cidrs: CidrIdentities,
+/// One policy kind's objects, as its watcher last listed and watched them. Written by that
+/// watcher alone.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySource {
+    pub objects: BTreeMap<(String, String), Entry>,
+    /// Listed at least once.
+    pub synced: bool,
 }
 
-impl Repository {
+impl PolicySource {
     fn apply(&mut self, kind: PolicyKind, obj: &DynamicObject) {
         let ns = obj.metadata.namespace.clone().unwrap_or_default();
         let name = obj.metadata.name.clone().unwrap_or_default();
+        let origin = format!("{kind:?} {ns}/{name}");
         let value = match serde_json::to_value(obj) {
             Ok(v) => v,
             Err(e) => {
-                warn!(error = %e, "a policy object could not be read");
+                warn!(object = %origin, error = %e, "a policy object could not be read");
                 return;
             }
         };
-        let origin = format!("{kind:?} {ns}/{name}");
-        let entry = self.objects.entry((kind, ns, name)).or_insert(Entry {
+        let entry = self.objects.entry((ns, name)).or_insert(Entry {
             good: None,
             error: None,
         });
@@ -112,42 +115,81 @@ impl Repository {
                 entry.error = None;
             }
             Err(e) => {
-                warn!(error = %e, kept_previous = entry.good.is_some(), "refusing a policy object; the last good version stays in force");
+                warn!(object = %origin, field = %e.field, error = %e, kept_previous = entry.good.is_some(), "refusing a policy object; the last good version stays in force");
                 entry.error = Some(e);
             }
         }
     }
 
-    fn delete(&mut self, kind: PolicyKind, obj: &DynamicObject) {
-        let key = (
-            kind,
+    fn delete(&mut self, obj: &DynamicObject) {
+        self.objects.remove(&(
             obj.metadata.namespace.clone().unwrap_or_default(),
             obj.metadata.name.clone().unwrap_or_default(),
-        );
-        self.objects.remove(&key);
+        ));
     }
+}
 
-    pub fn policies(&self) -> Vec<Policy> {
-        self.objects
-            .values()
-            .filter_map(|e| e.good.clone())
-            .collect()
+/// CiliumIdentities (the peers policies select). Written by the identity watcher alone.
+#[derive(Debug, Clone, Default)]
+pub struct IdentitySource {
+    pub identities: BTreeMap<u32, IdentityInfo>,
+    pub synced: bool,
+}
+
+/// What the policy concern hands the datapath: every object with its state, and what each
+/// local endpoint's policy maps should hold. Written by the recompile loop alone.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyView {
+    pub objects: BTreeMap<PolicyRef, Entry>,
+    /// Per local endpoint (namespace, name): what its policy maps should hold.
+    pub compiled: BTreeMap<(String, String), Compiled>,
+    pub cidrs: CidrIdentities,
+    /// The sources not listed yet (nothing is enforced from a partial view).
+    pub unsynced: Vec<&'static str>,
+}
+
+/// Compiles every local endpoint (pure: the same inputs give the same entries).
+pub fn compile(
+    sources: &[(PolicyKind, Arc<PolicySource>)],
+    identities: &IdentitySource,
+    endpoints: &[EndpointSpec],
+    previous_cidrs: &CidrIdentities,
+) -> PolicyView {
+    let mut objects = BTreeMap::new();
+    let mut unsynced = Vec::new();
+    for (kind, src) in sources {
+        if !src.synced {
+            unsynced.push(kind.kind());
+        }
+        for ((ns, name), e) in &src.objects {
+            objects.insert((*kind, ns.clone(), name.clone()), e.clone());
+        }
     }
-
-    /// Recompiles every local endpoint (pure: the same inputs give the same entries).
-    pub fn recompile(&mut self, endpoints: &[(EndpointLabels, (String, String))]) {
-        let policies = self.policies();
-        let identities: Vec<IdentityInfo> = self.identities.values().cloned().collect();
-        self.cidrs.update(&policies);
-        self.compiled = endpoints
-            .iter()
-            .map(|(labels, key)| {
-                (
-                    key.clone(),
-                    policy::compile(&policies, labels, &identities, &self.cidrs),
-                )
-            })
-            .collect();
+    if !identities.synced {
+        unsynced.push("CiliumIdentity");
+    }
+    let policies: Vec<Policy> = objects.values().filter_map(|e| e.good.clone()).collect();
+    let ids: Vec<IdentityInfo> = identities.identities.values().cloned().collect();
+    let mut cidrs = previous_cidrs.clone();
+    cidrs.update(&policies);
+    let compiled = endpoints
+        .iter()
+        .map(|e| {
+            let labels = EndpointLabels {
+                namespace: e.namespace.clone(),
+                labels: e.labels.clone(),
+            };
+            (
+                (e.namespace.clone(), e.name.clone()),
+                policy::compile(&policies, &labels, &ids, &cidrs),
+            )
+        })
+        .collect();
+    PolicyView {
+        objects,
+        compiled,
+        cidrs,
+        unsynced,
     }
 }
 
@@ -164,124 +206,131 @@ fn identity_from(obj: &DynamicObject) -> Option<IdentityInfo> {
     })
 }
 
-/// Watches one policy kind into the repository.
-pub async fn watch_policies(client: kube::Client, kind: PolicyKind, shared: Arc<Shared>) {
+/// Watches one policy kind into its source.
+pub async fn watch_policies(
+    client: kube::Client,
+    kind: PolicyKind,
+    out: Writer<PolicySource>,
+) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.resource());
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
-    let mut fresh: Option<Vec<DynamicObject>> = None;
+    let mut fresh: Option<PolicySource> = None;
     while let Some(ev) = stream.next().await {
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                warn!(?kind, error = %e, "watching policies failed; retrying");
+                warn!(kind = kind.kind(), error = %e, "watching policies failed; retrying");
                 continue;
             }
         };
-        {
-            let mut s = shared.lock();
-            match ev {
-                watcher::Event::Init => fresh = Some(Vec::new()),
-                watcher::Event::InitApply(o) => fresh.get_or_insert_with(Vec::new).push(o),
-                watcher::Event::InitDone => {
-                    s.policy.objects.retain(|(k, _, _), _| *k != kind);
-                    for o in fresh.take().unwrap_or_default() {
-                        s.policy.apply(kind, &o);
-                    }
-                    s.datapath_sources.insert(kind.kind());
-                }
-                watcher::Event::Apply(o) => {
-                    info!(
-                        ?kind,
-                        name = o.metadata.name.as_deref().unwrap_or(""),
-                        "policy changed"
-                    );
-                    s.policy.apply(kind, &o);
-                }
-                watcher::Event::Delete(o) => {
-                    info!(
-                        ?kind,
-                        name = o.metadata.name.as_deref().unwrap_or(""),
-                        "policy deleted"
-                    );
-                    s.policy.delete(kind, &o);
-                }
+        match ev {
+            watcher::Event::Init => fresh = Some(PolicySource::default()),
+            watcher::Event::InitApply(o) => fresh
+                .get_or_insert_with(PolicySource::default)
+                .apply(kind, &o),
+            watcher::Event::InitDone => {
+                let mut src = fresh.take().unwrap_or_default();
+                src.synced = true;
+                out.set(src);
+            }
+            watcher::Event::Apply(o) => {
+                info!(
+                    kind = kind.kind(),
+                    name = o.metadata.name.as_deref().unwrap_or(""),
+                    "policy changed"
+                );
+                out.update(|s| {
+                    s.apply(kind, &o);
+                    true
+                });
+            }
+            watcher::Event::Delete(o) => {
+                info!(
+                    kind = kind.kind(),
+                    name = o.metadata.name.as_deref().unwrap_or(""),
+                    "policy deleted"
+                );
+                out.update(|s| {
+                    s.delete(&o);
+                    true
+                });
             }
         }
-        shared.policy_changed();
     }
+    Err(AgentError::WatchEnded(kind.kind()))
 }
 
-/// Watches CiliumIdentities (the peers policies select).
-pub async fn watch_identities(client: kube::Client, shared: Arc<Shared>) {
+/// Watches CiliumIdentities into their source.
+pub async fn watch_identities(
+    client: kube::Client,
+    out: Writer<IdentitySource>,
+) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &super::identity::identity_resource());
     let mut stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
     let mut fresh: Option<BTreeMap<u32, IdentityInfo>> = None;
     while let Some(ev) = stream.next().await {
-        let Ok(ev) = ev else { continue };
-        {
-            let mut s = shared.lock();
-            match ev {
-                watcher::Event::Init => fresh = Some(BTreeMap::new()),
-                watcher::Event::InitApply(o) => {
-                    if let Some(i) = identity_from(&o) {
-                        fresh.get_or_insert_with(BTreeMap::new).insert(i.id, i);
-                    }
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                warn!(kind = "CiliumIdentity", error = %e, "watching identities failed; retrying");
+                continue;
+            }
+        };
+        match ev {
+            watcher::Event::Init => fresh = Some(BTreeMap::new()),
+            watcher::Event::InitApply(o) => {
+                if let Some(i) = identity_from(&o) {
+                    fresh.get_or_insert_with(BTreeMap::new).insert(i.id, i);
                 }
-                watcher::Event::InitDone => {
-                    s.policy.identities = fresh.take().unwrap_or_default();
-                    s.datapath_sources.insert("CiliumIdentity");
+            }
+            watcher::Event::InitDone => out.set(IdentitySource {
+                identities: fresh.take().unwrap_or_default(),
+                synced: true,
+            }),
+            watcher::Event::Apply(o) => {
+                if let Some(i) = identity_from(&o) {
+                    out.update(|s| s.identities.insert(i.id, i.clone()).as_ref() != Some(&i));
                 }
-                watcher::Event::Apply(o) => {
-                    if let Some(i) = identity_from(&o) {
-                        s.policy.identities.insert(i.id, i);
-                    }
-                }
-                watcher::Event::Delete(o) => {
-                    if let Some(id) = o
-                        .metadata
-                        .name
-                        .as_deref()
-                        .and_then(|n| n.parse::<u32>().ok())
-                    {
-                        s.policy.identities.remove(&id);
-                    }
+            }
+            watcher::Event::Delete(o) => {
+                if let Some(id) = o
+                    .metadata
+                    .name
+                    .as_deref()
+                    .and_then(|n| n.parse::<u32>().ok())
+                {
+                    out.update(|s| s.identities.remove(&id).is_some());
                 }
             }
         }
-        shared.policy_changed();
     }
+    Err(AgentError::WatchEnded("CiliumIdentity"))
 }
 
 /// Recompiles the local endpoints' entries whenever policies, identities or endpoints change.
-pub async fn recompile_loop(shared: Arc<Shared>) {
+pub async fn recompile_loop(
+    mut sources: Vec<(PolicyKind, Reader<PolicySource>)>,
+    mut identities: Reader<IdentitySource>,
+    mut endpoints: Reader<Vec<EndpointSpec>>,
+    out: Writer<PolicyView>,
+) -> Result<(), AgentError> {
     loop {
-        let wake = shared.policy_changed.notified();
-        {
-            let mut s = shared.lock();
-            let eps: Vec<(EndpointLabels, (String, String))> = s
-                .endpoints
-                .list()
-                .into_iter()
-                .map(|e| {
-                    (
-                        EndpointLabels {
-                            namespace: e.namespace.clone(),
-                            labels: e.labels.clone(),
-                        },
-                        (e.namespace, e.name),
-                    )
-                })
-                .collect();
-            s.policy.recompile(&eps);
+        let snapshot: Vec<(PolicyKind, Arc<PolicySource>)> =
+            sources.iter_mut().map(|(k, r)| (*k, r.get())).collect();
+        let ids = identities.get();
+        let eps = endpoints.get();
+        let previous = out.current();
+        // Compiled with no lock held: the inputs are snapshots.
+        let view = compile(&snapshot, &ids, &eps, &previous.cidrs);
+        out.set(view);
+        let mut watched: Vec<&mut dyn Watched> = vec![&mut identities, &mut endpoints];
+        for (_, r) in sources.iter_mut() {
+            watched.push(r);
         }
-        shared.compiled.notify_waiters();
-        tokio::select! {
-            _ = wake => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(30)) => {}
-        }
+        any_change(&mut watched, std::time::Duration::from_secs(30)).await?;
     }
 }

@@ -1,15 +1,22 @@
-//! Direct routes to other nodes' pod CIDRs over the underlay, reconciled level-triggered: routes
-//! carry meshd's own protocol number, so only routes this agent made are ever changed, and
-//! routes that are already right are left untouched (a restart does not flap them).
+//! Routes to other nodes' pod CIDRs, the way the encryption backend reaches each node (into the
+//! tunnel device, or via the node's address), with the backend's route MTU. Reconciled
+//! level-triggered: routes carry meshd's own protocol number, so only routes this agent made are
+//! ever changed, and routes that are already right are left untouched (a restart does not flap
+//! them).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol,
+};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
+use super::encryption::EncryptionBackend;
 use super::nodes::NodeTable;
 
 /// `proto 193` in `ip route`: the routes meshd owns.
@@ -21,12 +28,14 @@ pub enum RouteError {
     Socket(#[source] std::io::Error),
     #[error("listing routes failed: {0}")]
     List(#[source] rtnetlink::Error),
-    #[error("installing the route to {dst} {hop} failed: {source}")]
+    #[error("installing the route to {dst} {route} failed: {source}")]
     Add {
         dst: Ipv4Net,
-        hop: NextHop,
+        route: Route,
         source: rtnetlink::Error,
     },
+    #[error("finding the underlay's MTU (the interface with {ip}): {message}")]
+    Underlay { ip: Ipv4Addr, message: String },
     #[error("removing the route to {dst} failed: {source}")]
     Remove {
         dst: Ipv4Net,
@@ -51,21 +60,49 @@ impl std::fmt::Display for NextHop {
     }
 }
 
-/// Destination → next hop.
-pub type RouteSet = BTreeMap<Ipv4Net, NextHop>;
+/// One route: where it goes and, when the backend needs room for its headers, its MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Route {
+    pub hop: NextHop,
+    pub mtu: Option<u32>,
+}
 
-/// The routes this node should have: every other node's IPv4 pod CIDRs, via its InternalIP,
-/// or into `device` (the encrypting interface) when one is given.
-pub fn desired(table: &NodeTable, own_node: &str, device: Option<u32>) -> RouteSet {
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.mtu {
+            Some(m) => write!(f, "{} mtu {m}", self.hop),
+            None => write!(f, "{}", self.hop),
+        }
+    }
+}
+
+/// Destination → route.
+pub type RouteSet = BTreeMap<Ipv4Net, Route>;
+
+/// The routes this node should have: every other node's IPv4 pod CIDRs, the way the
+/// encryption backend reaches that node (via its InternalIP, or into the tunnel device), with
+/// the backend's MTU for this underlay (none when it needs no room of its own).
+pub fn desired(
+    table: &NodeTable,
+    own_node: &str,
+    backend: &dyn EncryptionBackend,
+    underlay_mtu: u32,
+) -> RouteSet {
+    let mtu = Some(backend.route_mtu(underlay_mtu)).filter(|m| *m < underlay_mtu);
     let mut out = RouteSet::new();
-    for n in table.nodes.values().filter(|n| n.name != own_node) {
-        let Some(IpAddr::V4(gw)) = n.internal_ip else {
+    for n in table.others(own_node) {
+        let Some(reach) = backend.reach(n) else {
             continue;
         };
-        let hop = device.map_or(NextHop::Gateway(gw), NextHop::Device);
         for cidr in &n.pod_cidrs {
             if let ipnet::IpNet::V4(v4) = cidr {
-                out.insert(*v4, hop);
+                out.insert(
+                    *v4,
+                    Route {
+                        hop: reach.hop,
+                        mtu,
+                    },
+                );
             }
         }
     }
@@ -74,8 +111,8 @@ pub fn desired(table: &NodeTable, own_node: &str, device: Option<u32>) -> RouteS
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Add(Ipv4Net, NextHop),
-    Replace(Ipv4Net, NextHop),
+    Add(Ipv4Net, Route),
+    Replace(Ipv4Net, Route),
     Remove(Ipv4Net),
 }
 
@@ -102,11 +139,11 @@ pub struct RouteManager {
     handle: Handle,
 }
 
-fn route_message(dst: Ipv4Net, hop: Option<NextHop>) -> RouteMessage {
+fn route_message(dst: Ipv4Net, route: Option<Route>) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.addr(), dst.prefix_len())
         .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
-    match hop {
+    match route.map(|r| r.hop) {
         Some(NextHop::Gateway(gw)) => b = b.gateway(gw),
         Some(NextHop::Device(i)) => {
             b = b
@@ -115,7 +152,12 @@ fn route_message(dst: Ipv4Net, hop: Option<NextHop>) -> RouteMessage {
         }
         None => {}
     }
-    b.build()
+    let mut msg = b.build();
+    if let Some(mtu) = route.and_then(|r| r.mtu) {
+        msg.attributes
+            .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+    }
+    msg
 }
 
 impl RouteManager {
@@ -140,11 +182,18 @@ impl RouteManager {
             let mut dst = None;
             let mut gw = None;
             let mut oif = None;
+            let mut mtu = None;
             for a in &msg.attributes {
                 match a {
                     RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Metrics(m) => {
+                        mtu = m.iter().find_map(|m| match m {
+                            RouteMetric::Mtu(v) => Some(*v),
+                            _ => None,
+                        })
+                    }
                     _ => {}
                 }
             }
@@ -159,9 +208,47 @@ impl RouteManager {
                 // Ours but unusable: record it so that it gets replaced.
                 (None, None) => NextHop::Gateway(Ipv4Addr::UNSPECIFIED),
             };
-            out.insert(net, hop);
+            out.insert(net, Route { hop, mtu });
         }
         Ok(out)
+    }
+
+    /// The MTU of the interface that holds the node's underlay address.
+    pub async fn underlay_mtu(&self, node_ip: Ipv4Addr) -> Result<u32, RouteError> {
+        let err = |message: String| RouteError::Underlay {
+            ip: node_ip,
+            message,
+        };
+        let mut dump = self.handle.address().get().execute();
+        let mut index = None;
+        while let Some(msg) = dump.try_next().await.map_err(|e| err(e.to_string()))? {
+            if msg
+                .attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip))
+            {
+                index = Some(msg.header.index);
+            }
+        }
+        let index = index.ok_or_else(|| err("no interface has it".into()))?;
+        let link = self
+            .handle
+            .link()
+            .get()
+            .match_index(index)
+            .execute()
+            .try_next()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .ok_or_else(|| err(format!("interface #{index} is gone")))?;
+        Ok(link
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Mtu(m) => Some(*m),
+                _ => None,
+            })
+            .unwrap_or(1500))
     }
 
     /// Makes the kernel's meshd routes equal `desired`. Returns the changes made.
@@ -170,15 +257,15 @@ impl RouteManager {
         let changes = plan(&installed, desired);
         for c in &changes {
             match *c {
-                Change::Add(dst, hop) | Change::Replace(dst, hop) => {
+                Change::Add(dst, route) | Change::Replace(dst, route) => {
                     self.handle
                         .route()
-                        .add(route_message(dst, Some(hop)))
+                        .add(route_message(dst, Some(route)))
                         .replace()
                         .execute()
                         .await
-                        .map_err(|source| RouteError::Add { dst, hop, source })?;
-                    tracing::info!(%dst, %hop, "route installed");
+                        .map_err(|source| RouteError::Add { dst, route, source })?;
+                    tracing::info!(%dst, %route, "route installed");
                 }
                 Change::Remove(dst) => {
                     self.handle
@@ -202,8 +289,11 @@ mod tests {
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
     }
-    fn ip(s: &str) -> NextHop {
-        NextHop::Gateway(s.parse().unwrap())
+    fn ip(s: &str) -> Route {
+        Route {
+            hop: NextHop::Gateway(s.parse().unwrap()),
+            mtu: None,
+        }
     }
 
     #[test]

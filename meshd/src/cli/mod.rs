@@ -1,7 +1,5 @@
 //! Command-line rendering of the agent's local API (`meshd status`, `meshd endpoint list`).
 
-
-
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -683,6 +681,7 @@ mod tests {
                     state: Health::Ok,
                     message: "198.19.2.0/24 via 198.18.0.12".into(),
                 },
+                encryption: None,
             }],
             endpoints: 2,
             uptime_seconds: 61,
