@@ -565,8 +565,29 @@ fn policy_is_enforced_in_the_kernel_between_pods() {
             .stdout,
     )
     .into_owned();
-    for name in ["from_endpoint", "to_endpoint", "POLICY", "CONFIG"] {
+    for name in ["POLICY", "CONFIG"] {
         assert!(pins.contains(name), "{name} pinned: {pins}");
+    }
+    // The programs as the kernel shows them: TCX links (pinned) where the kernel has TCX,
+    // else exactly meshd's one cls_bpf filter per direction, the restart included.
+    for dir in ["ingress", "egress"] {
+        let filters = cls_bpf_filters(&lab, "node-1", "lxcweb1", dir);
+        if kernel_has_tcx() {
+            assert!(filters.is_empty(), "no tc filters with TCX: {filters:?}");
+        } else {
+            assert_eq!(filters.len(), 1, "one filter on {dir}: {filters:?}");
+            assert!(
+                filters[0].contains("pref 1 ") && filters[0].contains("handle 0x1 "),
+                "{filters:?}"
+            );
+        }
+    }
+    for name in ["from_endpoint", "to_endpoint"] {
+        assert_eq!(
+            pins.contains(name),
+            kernel_has_tcx(),
+            "{name} link pinned exactly where TCX exists: {pins}"
+        );
     }
 
     // Drops are reported with reason and identities.

@@ -41,7 +41,7 @@ enum Command {
     /// Encryption status (as `cilium encrypt status`).
     Encrypt {
         #[command(subcommand)]
-        command: cli::EncryptCommand,
+        command: cli::encrypt::EncryptCommand,
     },
     /// Internal: the userspace WireGuard device process (started by the agent).
     #[command(hide = true)]
@@ -57,7 +57,7 @@ enum Command {
     /// Network policies.
     Policy {
         #[command(subcommand)]
-        command: cli::PolicyCommand,
+        command: cli::policy::PolicyCommand,
     },
     /// Live datapath events: drops (reason, identities, addresses, port) and AUTH_REQUIRED.
     Monitor {
@@ -72,12 +72,12 @@ enum Command {
     /// The eBPF maps on this node (as `cilium-dbg bpf`).
     Bpf {
         #[command(subcommand)]
-        command: cli::BpfCommand,
+        command: cli::bpf::BpfCommand,
     },
     /// Local endpoints.
     Endpoint {
         #[command(subcommand)]
-        command: cli::EndpointCommand,
+        command: cli::endpoint::EndpointCommand,
     },
 }
 
@@ -133,16 +133,16 @@ fn main() -> std::process::ExitCode {
         rt.block_on(async move {
             match cli.command {
                 Command::Agent(_) => Err(anyhow::anyhow!("`agent` must be the first argument")),
-                Command::Status { socket, output } => cli::status(&socket, output).await,
-                Command::Endpoint { command } => cli::endpoint(command).await,
-                Command::Bpf { command } => cli::bpf(command),
+                Command::Status { socket, output } => cli::status::status(&socket, output).await,
+                Command::Endpoint { command } => cli::endpoint::endpoint(command).await,
+                Command::Bpf { command } => cli::bpf::bpf(command),
                 Command::Monitor {
                     socket,
                     kind,
                     output,
-                } => cli::monitor(&socket, kind.as_deref(), output).await,
-                Command::Encrypt { command } => cli::encrypt(command).await,
-                Command::Policy { command } => cli::policy(command).await,
+                } => cli::monitor::monitor(&socket, kind.as_deref(), output).await,
+                Command::Encrypt { command } => cli::encrypt::encrypt(command).await,
+                Command::Policy { command } => cli::policy::policy(command).await,
                 Command::WireguardUserspace {
                     interface,
                     listen_port,

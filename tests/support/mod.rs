@@ -531,3 +531,29 @@ pub fn tcp_connects_from(lab: &Lab, from: &str, source: Option<&str>, ip: &str, 
     );
     lab.exec(from, &["python3", "-c", &script]).status.success()
 }
+
+/// Whether the running kernel has TCX (Linux 6.6), which the datapath then attaches with.
+pub fn kernel_has_tcx() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 6)
+}
+
+/// The cls_bpf filters on `dev` (`ingress` or `egress`) inside `node`, one line each.
+pub fn cls_bpf_filters(lab: &Lab, node: &str, dev: &str, dir: &str) -> Vec<String> {
+    let out = lab.exec(node, &["tc", "filter", "show", "dev", dev, dir]);
+    assert!(
+        out.status.success(),
+        "tc filter show in {node}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains("handle"))
+        .map(str::to_string)
+        .collect()
+}

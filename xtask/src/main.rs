@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 mod bench_datapath;
 mod bench_wg;
+mod vm;
 
 /// Debian packages the lab and the tests use.
 const PACKAGES: &[(&str, &str)] = &[
@@ -45,15 +46,19 @@ const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "QEMU for the kernel-VM tests"),
     (
         "linux-image-6.12-rt-amd64",
-        "a kernel with WireGuard and ESP for the VM",
+        "a kernel with WireGuard, ESP and TCX for the VM",
     ),
+    (
+        "linux-image-amd64",
+        "Debian 12's own 6.1 kernel (no TCX) for the VM",
+    ),
+    ("cpio", "the initramfs the 6.1 VM boots with"),
     ("busybox", "poweroff inside the VM"),
     (
         "wireguard-go",
         "an independent WireGuard peer for interop tests",
     ),
 ];
-const VM_KERNEL: &str = "/boot/vmlinuz-6.12.117+deb12-rt-amd64";
 
 fn install(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&(&str, &str)> = packages.iter().filter(|(p, _)| !installed(p)).collect();
@@ -222,7 +227,7 @@ fn lab(args: &[String]) -> Result<()> {
     let result = (|| -> Result<()> {
         sh(Command::new(crate::lab_bin(&meshd)).args(["status", "--name", name]))?;
         eprintln!(
-            "\nxtask lab: the agent's view on node-1 (`meshd lab exec node-1 -- meshd status`):"
+            "\nxtask lab: the agent's view on node-1 (`meshd-lab exec node-1 -- meshd status`):"
         );
         sh(Command::new(crate::lab_bin(&meshd))
             .args(["exec", "--name", name, "node-1", "--"])
@@ -246,9 +251,9 @@ fn lab(args: &[String]) -> Result<()> {
     })();
     if keep {
         eprintln!(
-            "\nxtask lab: left up (--keep). Try:\n  {} lab status --name {name}\n  kubectl --kubeconfig /run/meshd-lab/{name}/admin.kubeconfig get ciliumnodes -o wide\n  {} lab down --name {name}",
-            meshd.display(),
-            meshd.display()
+            "\nxtask lab: left up (--keep). Try:\n  {} status --name {name}\n  kubectl --kubeconfig /run/meshd-lab/{name}/admin.kubeconfig get ciliumnodes -o wide\n  {} down --name {name}",
+            lab_bin(&meshd).display(),
+            lab_bin(&meshd).display()
         );
     } else {
         eprintln!("\nxtask lab: tearing down (use --keep to leave it up)");
@@ -300,12 +305,12 @@ fn test(args: &[String]) -> Result<()> {
     build()?;
     eprintln!("xtask test: running every test of the workspace (lab tests need root)");
     sh(cargo().args(["test", "--workspace"]).args(args))?;
-    eprintln!("xtask test: the kernel-backend tests, inside a VM running Debian's kernel");
-    vm_test(&[])
+    eprintln!("xtask test: the kernel-backend tests, inside VMs running Debian's kernels");
+    vm::vm_test(&[])
 }
 
 /// The path of an integration-test binary, built (not run) by cargo.
-fn test_binary(package: &str, test: &str) -> Result<std::path::PathBuf> {
+pub(crate) fn test_binary(package: &str, test: &str) -> Result<std::path::PathBuf> {
     let out = cargo()
         .args([
             "test",
@@ -334,170 +339,6 @@ fn test_binary(package: &str, test: &str) -> Result<std::path::PathBuf> {
         }
     }
     bail!("cargo did not report the {test} test binary")
-}
-
-/// Boots Debian's kernel under QEMU (software emulation) with this machine's / as a read-only
-/// virtiofs root and a writable 9p scratch folder, runs `script` as root, streams its output,
-/// and returns its exit code.
-fn run_vm(script: &str) -> Result<i32> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf();
-    let init = root.join("vm").join("guest-init.sh");
-    let target = meshd_bin()
-        .parent()
-        .and_then(|p| p.parent())
-        .context("target dir")?
-        .to_path_buf();
-    let scratch = target.join(format!("vm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&scratch);
-    std::fs::create_dir_all(&scratch)?;
-    std::fs::write(scratch.join("cmd.sh"), script)?;
-    let sock = scratch.join("vfsd.sock");
-    let mut vfsd = Command::new("/usr/lib/qemu/virtiofsd")
-        .arg(format!("--socket-path={}", sock.display()))
-        .args([
-            "-o",
-            "source=/",
-            "-o",
-            "cache=always",
-            "-o",
-            "sandbox=chroot",
-            "-o",
-            "log_level=warn",
-        ])
-        .stdout(std::fs::File::create(scratch.join("virtiofsd.log"))?)
-        .stderr(std::fs::File::create(scratch.join("virtiofsd.err"))?)
-        .spawn()
-        .context("starting virtiofsd (qemu-system-common)")?;
-    for _ in 0..50 {
-        if sock.exists() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let append = format!(
-        "console=ttyS0 rootfstype=virtiofs root=hostroot ro init={} panic=-1 oops=panic loglevel=4 KLAB_SCRATCH={} KLAB_CMD={}/cmd.sh KLAB_CWD={}",
-        init.display(),
-        scratch.display(),
-        scratch.display(),
-        root.parent()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-    );
-    let status = Command::new("timeout")
-        .arg(std::env::var("MESHD_VM_TIMEOUT").unwrap_or_else(|_| "1200".into()))
-        .args([
-            "qemu-system-x86_64",
-            "-accel",
-            "tcg",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-            "2G",
-        ])
-        .args([
-            "-machine",
-            "q35",
-            "-bios",
-            "qboot.rom",
-            "-display",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .args([
-            "-serial",
-            &format!("file:{}", scratch.join("console.log").display()),
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=2G,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .args([
-            "-chardev",
-            &format!("socket,id=vfs,path={}", sock.display()),
-        ])
-        .args(["-device", "vhost-user-fs-pci,chardev=vfs,tag=hostroot"])
-        .args([
-            "-virtfs",
-            &format!(
-                "local,path={},mount_tag=scratch,security_model=none,id=scratch",
-                scratch.display()
-            ),
-        ])
-        .args([
-            "-device",
-            "virtio-serial-pci",
-            "-chardev",
-            "stdio,id=out,signal=off",
-            "-device",
-            "virtconsole,chardev=out",
-        ])
-        .args(["-kernel", VM_KERNEL, "-append", &append])
-        .stdin(std::process::Stdio::null())
-        .status()
-        .context("starting qemu-system-x86_64")?;
-    let _ = vfsd.kill();
-    let _ = vfsd.wait();
-    let rc = std::fs::read_to_string(scratch.join("exit_code"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    match rc {
-        Some(0) => {
-            let _ = std::fs::remove_dir_all(&scratch);
-            Ok(0)
-        }
-        Some(rc) => {
-            eprintln!(
-                "xtask vm-test: the VM's output and kept lab logs are in {}",
-                scratch.display()
-            );
-            Ok(rc)
-        }
-        None => bail!(
-            "the VM gave no result (qemu: {status}); see {}",
-            scratch.join("console.log").display()
-        ),
-    }
-}
-
-/// `cargo xtask vm-test [filter…]`: lab tests on Debian's kernel, where the kernel WireGuard
-/// backend is selected: by default the WireGuard tests (interop with wireguard-go included)
-/// and the eBPF policy tests (over kernel WireGuard there).
-fn vm_test(args: &[String]) -> Result<()> {
-    setup()?;
-    build()?;
-    // The VM sees this machine's / read-only: mount points the lab needs must exist here.
-    std::fs::create_dir_all("/var/lib/meshd")?;
-    // The end-to-end test binaries and the tests of each that need a kernel backend.
-    let suites: [(&str, &[&str]); 2] = [("wireguard", &[]), ("policy", &["policy", "cidr"])];
-    let mut script = String::from(
-        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\n",
-    );
-    for (suite, default_filters) in suites {
-        let bin = test_binary("meshd-e2e", suite)?;
-        let filters: Vec<&str> = if args.is_empty() {
-            default_filters.to_vec()
-        } else {
-            args.iter().map(String::as_str).collect()
-        };
-        script.push_str(&format!(
-            "{} {} --test-threads=1 --nocapture || exit $?\n",
-            bin.display(),
-            filters.join(" ")
-        ));
-    }
-    eprintln!(
-        "xtask vm-test: booting {VM_KERNEL} under QEMU (software emulation) to run the lab tests"
-    );
-    let rc = run_vm(&script)?;
-    if rc != 0 {
-        bail!("the kernel-VM tests failed (exit {rc})");
-    }
-    Ok(())
 }
 
 fn bench(args: &[String]) -> Result<()> {
@@ -535,7 +376,7 @@ fn main() -> ExitCode {
         Some("lab") => lab(&args[1..]),
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
-        Some("vm-test") => vm_test(&args[1..]),
+        Some("vm-test") => vm::vm_test(&args[1..]),
         _ => {
             eprintln!(
                 "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath [--seconds N]>"

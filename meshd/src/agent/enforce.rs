@@ -10,16 +10,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datapath::{EndpointConfig, EndpointDatapath, IpcacheValue, PolicyKey, PolicyValue};
-use futures::StreamExt as _;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::{WatchStreamExt as _, watcher};
-use tracing::{info, warn};
+use tracing::{info, info_span, warn};
 
 use meshd_api::{ComponentStatus, EndpointSpec, Health};
 
 use super::nodes::{NodeIds, OwnNode};
 use super::policy::PolicyView;
 use super::state::{Reader, Watched, Writer, any_change};
+use super::watch::{Event, Watcher};
 use super::{AgentError, NodesView, OwnView};
 
 /// A remote endpoint as its CiliumEndpoint says.
@@ -63,16 +62,20 @@ pub async fn watch_endpoints(
     out: Writer<ClusterEndpoints>,
 ) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &super::identity::endpoint_resource());
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut watch = Watcher::new(api);
     type ByObject = BTreeMap<(String, String), Vec<(Ipv4Addr, RemoteEndpoint)>>;
     let mut objects: ByObject = BTreeMap::new();
     let mut fresh: Option<ByObject> = None;
     let mut synced = false;
-    while let Some(ev) = stream.next().await {
-        let ev = match ev {
+    loop {
+        let ev = match watch.next().await {
             Ok(ev) => ev,
+            Err(e) if e.is_fatal() => {
+                return Err(AgentError::Watch {
+                    kind: "CiliumEndpoint",
+                    source: e,
+                });
+            }
             Err(e) => {
                 warn!(kind = "CiliumEndpoint", error = %e, "watching CiliumEndpoints failed; retrying");
                 continue;
@@ -85,21 +88,21 @@ pub async fn watch_endpoints(
             )
         };
         match ev {
-            watcher::Event::Init => fresh = Some(BTreeMap::new()),
-            watcher::Event::InitApply(o) => {
+            Event::Init => fresh = Some(BTreeMap::new()),
+            Event::InitApply(o) => {
                 fresh
                     .get_or_insert_with(BTreeMap::new)
                     .insert(key(&o), cep_entries(&o));
                 continue;
             }
-            watcher::Event::InitDone => {
+            Event::InitDone => {
                 objects = fresh.take().unwrap_or_default();
                 synced = true;
             }
-            watcher::Event::Apply(o) => {
+            Event::Apply(o) => {
                 objects.insert(key(&o), cep_entries(&o));
             }
-            watcher::Event::Delete(o) => {
+            Event::Delete(o) => {
                 objects.remove(&key(&o));
             }
         }
@@ -110,8 +113,25 @@ pub async fn watch_endpoints(
             });
         }
     }
-    Err(AgentError::WatchEnded("CiliumEndpoint"))
 }
+
+/// One thing a datapath pass could not do (the rest was done; the next pass tries again).
+#[derive(Debug, thiserror::Error)]
+pub enum EnforceError {
+    #[error("endpoint {endpoint}: {source}")]
+    Endpoint {
+        endpoint: String,
+        #[source]
+        source: datapath::DatapathError,
+    },
+    #[error("ipcache: {0}")]
+    Ipcache(#[source] datapath::DatapathError),
+}
+
+/// What a datapath pass left undone.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+pub struct Incomplete(pub Vec<EnforceError>);
 
 pub struct Enforcer {
     pin_dir: PathBuf,
@@ -250,7 +270,7 @@ impl Enforcer {
     }
 
     /// One pass from snapshots (no lock is held); returns a problem to report, if any.
-    fn reconcile(&mut self, inputs: &Inputs) -> Result<(), String> {
+    fn reconcile(&mut self, inputs: &Inputs) -> Result<(), Incomplete> {
         let desired_ipcache = inputs.ipcache();
         let eps = &inputs.local;
         let identities = &inputs.identities;
@@ -284,6 +304,8 @@ impl Enforcer {
         for ep in eps.iter() {
             let key = (ep.namespace.clone(), ep.name.clone());
             let name = format!("{}/{}", key.0, key.1);
+            let _span =
+                info_span!("endpoint", endpoint = %name, interface = %ep.interface).entered();
             // Without its identity the endpoint cannot be named in anyone's policy yet.
             let Some(identity) = identities.get(&key).copied() else {
                 continue;
@@ -309,7 +331,10 @@ impl Enforcer {
                         self.ipcache = None;
                     }
                     Err(e) => {
-                        problems.push(format!("{name}: {e}"));
+                        problems.push(EnforceError::Endpoint {
+                            endpoint: name.clone(),
+                            source: e,
+                        });
                         continue;
                     }
                 }
@@ -325,7 +350,10 @@ impl Enforcer {
                     "policy map updated"
                 ),
                 Ok(_) => {}
-                Err(e) => problems.push(format!("{name}: {e}")),
+                Err(e) => problems.push(EnforceError::Endpoint {
+                    endpoint: name.clone(),
+                    source: e,
+                }),
             }
         }
         // The ipcache outlives endpoints: it is kept right even when none is left (a deleted
@@ -333,7 +361,7 @@ impl Enforcer {
         if self.ipcache.is_none() && self.pin_dir.join("MESHD_IPCACHE").exists() {
             match datapath::Ipcache::open(&self.pin_dir) {
                 Ok(c) => self.ipcache = Some(c),
-                Err(e) => problems.push(format!("ipcache: {e}")),
+                Err(e) => problems.push(EnforceError::Ipcache(e)),
             }
         }
         if let Some(cache) = self.ipcache.as_mut() {
@@ -344,13 +372,13 @@ impl Enforcer {
             if let Err(e) = cache.sync(&want) {
                 // The next pass opens it again and reads what the kernel holds.
                 self.ipcache = None;
-                problems.push(format!("ipcache: {e}"));
+                problems.push(EnforceError::Ipcache(e));
             }
         }
         if problems.is_empty() {
             Ok(())
         } else {
-            Err(problems.join("; "))
+            Err(Incomplete(problems))
         }
     }
 
@@ -462,7 +490,7 @@ pub async fn enforce_loop(
                     warn!(error = %e, "datapath reconciliation incomplete; retrying");
                     ComponentStatus {
                         state: Health::Failure,
-                        message: e.clone(),
+                        message: e.to_string(),
                     }
                 }
             });

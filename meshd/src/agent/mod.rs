@@ -16,6 +16,7 @@ pub mod nodes;
 pub mod policy;
 pub mod routes;
 pub mod state;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -24,9 +25,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt as _, TryStreamExt as _};
+use futures::TryStreamExt as _;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::{WatchStreamExt as _, watcher};
 use meshd_api::{ComponentStatus, EndpointSpec, Health, NodeStatus, Status};
 use tracing::{Instrument as _, error, info, info_span, warn};
 
@@ -37,6 +37,7 @@ use nodes::{NodeTable, OwnNode};
 use policy::{IdentitySource, PolicyKind, PolicySource, PolicyView};
 use routes::{RouteError, RouteManager};
 use state::{Reader, SourceGone, Watched, Writer, any_change};
+use watch::{Event, Watcher};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -72,8 +73,12 @@ pub enum AgentError {
     Datapath(#[from] datapath::DatapathError),
     #[error("installing the signal handlers: {0}")]
     Signals(#[source] std::io::Error),
-    #[error("the {0} watch ended; the agent cannot stay current without it")]
-    WatchEnded(&'static str),
+    #[error("watching {kind}: {source}; the agent cannot stay current without it")]
+    Watch {
+        kind: &'static str,
+        #[source]
+        source: watch::WatchError,
+    },
     #[error(transparent)]
     SourceGone(#[from] SourceGone),
     #[error("the agent's {task} task ended unexpectedly")]
@@ -659,16 +664,14 @@ async fn watch_nodes(
     own_name: String,
     out: Writer<NodesView>,
 ) -> Result<(), AgentError> {
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut watch = Watcher::new(api);
     let mut buffer: Option<Vec<DynamicObject>> = None;
     let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
-    while let Some(ev) = stream.next().await {
-        match ev {
-            Ok(watcher::Event::Init) => buffer = Some(Vec::new()),
-            Ok(watcher::Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
-            Ok(watcher::Event::InitDone) => {
+    loop {
+        match watch.next().await {
+            Ok(Event::Init) => buffer = Some(Vec::new()),
+            Ok(Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
+            Ok(Event::InitDone) => {
                 let objects = buffer.take().unwrap_or_default();
                 out.update(|v| {
                     v.own_object = objects.iter().find(|o| is_own(o)).cloned();
@@ -678,7 +681,7 @@ async fn watch_nodes(
                     true
                 });
             }
-            Ok(watcher::Event::Apply(o)) => out.update(|v| {
+            Ok(Event::Apply(o)) => out.update(|v| {
                 if is_own(&o) {
                     v.own_object = Some(o.clone());
                 }
@@ -686,7 +689,7 @@ async fn watch_nodes(
                 v.error = None;
                 true
             }),
-            Ok(watcher::Event::Delete(o)) => out.update(|v| {
+            Ok(Event::Delete(o)) => out.update(|v| {
                 if is_own(&o) {
                     v.own_object = None;
                 }
@@ -695,6 +698,12 @@ async fn watch_nodes(
                 v.error = None;
                 true
             }),
+            Err(e) if e.is_fatal() => {
+                return Err(AgentError::Watch {
+                    kind: "CiliumNode",
+                    source: e,
+                });
+            }
             Err(e) => {
                 warn!(kind = "CiliumNode", error = %e, "watching CiliumNodes failed; retrying");
                 let message = format!("watching CiliumNodes: {e}");
@@ -706,7 +715,6 @@ async fn watch_nodes(
             }
         }
     }
-    Err(AgentError::WatchEnded("CiliumNode"))
 }
 
 /// Keeps the own CiliumNode as this agent says it should be: on start, whenever the object
@@ -936,12 +944,19 @@ mod tests {
         let mut tasks = Tasks::new();
         tasks.spawn("forever", futures::future::pending());
         tasks.spawn("watcher", async {
-            Err(AgentError::WatchEnded("CiliumNode"))
+            Err(AgentError::Watch {
+                kind: "CiliumNode",
+                source: watch::WatchError::Status {
+                    code: 403,
+                    reason: "Forbidden".into(),
+                    message: "no".into(),
+                },
+            })
         });
         let e = tasks.first_ended().await;
         assert_eq!(
             e.to_string(),
-            "the agent's watcher task failed: the CiliumNode watch ended; the agent cannot stay current without it"
+            "the agent's watcher task failed: watching CiliumNode: the API server ended the watch: 403 Forbidden: no; the agent cannot stay current without it"
         );
         let mut tasks = Tasks::new();
         tasks.spawn("quiet", async { Ok(()) });

@@ -9,15 +9,14 @@ use std::sync::Arc;
 
 use meshd_api::EndpointSpec;
 
-use futures::StreamExt as _;
 use kube::api::{Api, ApiResource, DynamicObject};
-use kube::runtime::{WatchStreamExt as _, watcher};
 use policy::{CidrIdentities, Compiled, EndpointLabels, IdentityInfo, Policy, PolicyError};
 use serde::Serialize;
 use tracing::{info, warn};
 
 use super::AgentError;
 use super::state::{Reader, Watched, Writer, any_change};
+use super::watch::{Event, Watcher};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[expect(
@@ -213,29 +212,33 @@ pub async fn watch_policies(
     out: Writer<PolicySource>,
 ) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &kind.resource());
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut watch = Watcher::new(api);
     let mut fresh: Option<PolicySource> = None;
-    while let Some(ev) = stream.next().await {
-        let ev = match ev {
+    loop {
+        let ev = match watch.next().await {
             Ok(ev) => ev,
+            Err(e) if e.is_fatal() => {
+                return Err(AgentError::Watch {
+                    kind: kind.kind(),
+                    source: e,
+                });
+            }
             Err(e) => {
                 warn!(kind = kind.kind(), error = %e, "watching policies failed; retrying");
                 continue;
             }
         };
         match ev {
-            watcher::Event::Init => fresh = Some(PolicySource::default()),
-            watcher::Event::InitApply(o) => fresh
+            Event::Init => fresh = Some(PolicySource::default()),
+            Event::InitApply(o) => fresh
                 .get_or_insert_with(PolicySource::default)
                 .apply(kind, &o),
-            watcher::Event::InitDone => {
+            Event::InitDone => {
                 let mut src = fresh.take().unwrap_or_default();
                 src.synced = true;
                 out.set(src);
             }
-            watcher::Event::Apply(o) => {
+            Event::Apply(o) => {
                 info!(
                     kind = kind.kind(),
                     name = o.metadata.name.as_deref().unwrap_or(""),
@@ -246,7 +249,7 @@ pub async fn watch_policies(
                     true
                 });
             }
-            watcher::Event::Delete(o) => {
+            Event::Delete(o) => {
                 info!(
                     kind = kind.kind(),
                     name = o.metadata.name.as_deref().unwrap_or(""),
@@ -259,7 +262,6 @@ pub async fn watch_policies(
             }
         }
     }
-    Err(AgentError::WatchEnded(kind.kind()))
 }
 
 /// Watches CiliumIdentities into their source.
@@ -268,35 +270,39 @@ pub async fn watch_identities(
     out: Writer<IdentitySource>,
 ) -> Result<(), AgentError> {
     let api: Api<DynamicObject> = Api::all_with(client, &super::identity::identity_resource());
-    let mut stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut watch = Watcher::new(api);
     let mut fresh: Option<BTreeMap<u32, IdentityInfo>> = None;
-    while let Some(ev) = stream.next().await {
-        let ev = match ev {
+    loop {
+        let ev = match watch.next().await {
             Ok(ev) => ev,
+            Err(e) if e.is_fatal() => {
+                return Err(AgentError::Watch {
+                    kind: "CiliumIdentity",
+                    source: e,
+                });
+            }
             Err(e) => {
                 warn!(kind = "CiliumIdentity", error = %e, "watching identities failed; retrying");
                 continue;
             }
         };
         match ev {
-            watcher::Event::Init => fresh = Some(BTreeMap::new()),
-            watcher::Event::InitApply(o) => {
+            Event::Init => fresh = Some(BTreeMap::new()),
+            Event::InitApply(o) => {
                 if let Some(i) = identity_from(&o) {
                     fresh.get_or_insert_with(BTreeMap::new).insert(i.id, i);
                 }
             }
-            watcher::Event::InitDone => out.set(IdentitySource {
+            Event::InitDone => out.set(IdentitySource {
                 identities: fresh.take().unwrap_or_default(),
                 synced: true,
             }),
-            watcher::Event::Apply(o) => {
+            Event::Apply(o) => {
                 if let Some(i) = identity_from(&o) {
                     out.update(|s| s.identities.insert(i.id, i.clone()).as_ref() != Some(&i));
                 }
             }
-            watcher::Event::Delete(o) => {
+            Event::Delete(o) => {
                 if let Some(id) = o
                     .metadata
                     .name
@@ -308,7 +314,6 @@ pub async fn watch_identities(
             }
         }
     }
-    Err(AgentError::WatchEnded("CiliumIdentity"))
 }
 
 /// Recompiles the local endpoints' entries whenever policies, identities or endpoints change.

@@ -305,7 +305,7 @@ impl WireGuard {
         };
         let want = wg::peers::desired(&self.public_key, &claims, wg::LISTEN_PORT, &previous);
         for (node, why) in &want.refused {
-            warn!(node = %node, reason = %why, "no WireGuard peer for this node");
+            warn!(%node, reason = %why, "no WireGuard peer for this node");
         }
         let updates = wg::peers::plan(&current, &want, self.keepalive);
         if updates.is_empty() {
