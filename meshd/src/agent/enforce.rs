@@ -68,19 +68,7 @@ pub async fn watch_endpoints(
     let mut fresh: Option<ByObject> = None;
     let mut synced = false;
     loop {
-        let ev = match watch.next().await {
-            Ok(ev) => ev,
-            Err(e) if e.is_fatal() => {
-                return Err(AgentError::Watch {
-                    kind: "CiliumEndpoint",
-                    source: e,
-                });
-            }
-            Err(e) => {
-                warn!(kind = "CiliumEndpoint", error = %e, "watching CiliumEndpoints failed; retrying");
-                continue;
-            }
-        };
+        let ev = watch.next_or_end("CiliumEndpoint", |_| ()).await?;
         let key = |o: &DynamicObject| {
             (
                 o.metadata.namespace.clone().unwrap_or_default(),
@@ -310,7 +298,11 @@ impl Enforcer {
             let Some(identity) = identities.get(&key).copied() else {
                 continue;
             };
-            let c = compiled.get(&key).cloned().unwrap_or_default();
+            // Its entries from a compilation that knew it, never a default: an endpoint added
+            // after the last compilation waits for the next (it follows within milliseconds).
+            let Some(c) = compiled.get(&key).cloned() else {
+                continue;
+            };
             let cfg = EndpointConfig {
                 local_identity: identity,
                 ingress_enforced: c.ingress_enforced as u8,

@@ -668,10 +668,20 @@ async fn watch_nodes(
     let mut buffer: Option<Vec<DynamicObject>> = None;
     let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
     loop {
-        match watch.next().await {
-            Ok(Event::Init) => buffer = Some(Vec::new()),
-            Ok(Event::InitApply(o)) => buffer.get_or_insert_with(Vec::new).push(o),
-            Ok(Event::InitDone) => {
+        let ev = watch
+            .next_or_end("CiliumNode", |e| {
+                let message = format!("watching CiliumNodes: {e}");
+                out.update(|v| {
+                    let changed = v.error.as_ref() != Some(&message);
+                    v.error = Some(message);
+                    changed
+                });
+            })
+            .await?;
+        match ev {
+            Event::Init => buffer = Some(Vec::new()),
+            Event::InitApply(o) => buffer.get_or_insert_with(Vec::new).push(o),
+            Event::InitDone => {
                 let objects = buffer.take().unwrap_or_default();
                 out.update(|v| {
                     v.own_object = objects.iter().find(|o| is_own(o)).cloned();
@@ -681,7 +691,7 @@ async fn watch_nodes(
                     true
                 });
             }
-            Ok(Event::Apply(o)) => out.update(|v| {
+            Event::Apply(o) => out.update(|v| {
                 if is_own(&o) {
                     v.own_object = Some(o.clone());
                 }
@@ -689,7 +699,7 @@ async fn watch_nodes(
                 v.error = None;
                 true
             }),
-            Ok(Event::Delete(o)) => out.update(|v| {
+            Event::Delete(o) => out.update(|v| {
                 if is_own(&o) {
                     v.own_object = None;
                 }
@@ -698,21 +708,6 @@ async fn watch_nodes(
                 v.error = None;
                 true
             }),
-            Err(e) if e.is_fatal() => {
-                return Err(AgentError::Watch {
-                    kind: "CiliumNode",
-                    source: e,
-                });
-            }
-            Err(e) => {
-                warn!(kind = "CiliumNode", error = %e, "watching CiliumNodes failed; retrying");
-                let message = format!("watching CiliumNodes: {e}");
-                out.update(|v| {
-                    let changed = v.error.as_ref() != Some(&message);
-                    v.error = Some(message);
-                    changed
-                });
-            }
         }
     }
 }

@@ -215,19 +215,7 @@ pub async fn watch_policies(
     let mut watch = Watcher::new(api);
     let mut fresh: Option<PolicySource> = None;
     loop {
-        let ev = match watch.next().await {
-            Ok(ev) => ev,
-            Err(e) if e.is_fatal() => {
-                return Err(AgentError::Watch {
-                    kind: kind.kind(),
-                    source: e,
-                });
-            }
-            Err(e) => {
-                warn!(kind = kind.kind(), error = %e, "watching policies failed; retrying");
-                continue;
-            }
-        };
+        let ev = watch.next_or_end(kind.kind(), |_| ()).await?;
         match ev {
             Event::Init => fresh = Some(PolicySource::default()),
             Event::InitApply(o) => fresh
@@ -273,19 +261,7 @@ pub async fn watch_identities(
     let mut watch = Watcher::new(api);
     let mut fresh: Option<BTreeMap<u32, IdentityInfo>> = None;
     loop {
-        let ev = match watch.next().await {
-            Ok(ev) => ev,
-            Err(e) if e.is_fatal() => {
-                return Err(AgentError::Watch {
-                    kind: "CiliumIdentity",
-                    source: e,
-                });
-            }
-            Err(e) => {
-                warn!(kind = "CiliumIdentity", error = %e, "watching identities failed; retrying");
-                continue;
-            }
-        };
+        let ev = watch.next_or_end("CiliumIdentity", |_| ()).await?;
         match ev {
             Event::Init => fresh = Some(BTreeMap::new()),
             Event::InitApply(o) => {

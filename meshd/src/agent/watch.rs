@@ -152,6 +152,26 @@ impl Watcher {
         result
     }
 
+    /// The next event; a failure the watcher recovers from is logged and given to `on_error`
+    /// (for status), then retried; a fatal one ends the caller's task with an error naming
+    /// `kind`.
+    pub async fn next_or_end(
+        &mut self,
+        kind: &'static str,
+        mut on_error: impl FnMut(&WatchError),
+    ) -> Result<Event, super::AgentError> {
+        loop {
+            match self.next().await {
+                Ok(ev) => return Ok(ev),
+                Err(e) if e.is_fatal() => return Err(super::AgentError::Watch { kind, source: e }),
+                Err(e) => {
+                    tracing::warn!(kind, error = %e, "watching failed; retrying");
+                    on_error(&e);
+                }
+            }
+        }
+    }
+
     async fn step(&mut self) -> Result<Event, WatchError> {
         if let Some(b) = self.backoff {
             tokio::time::sleep(b).await;

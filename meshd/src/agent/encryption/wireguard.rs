@@ -350,21 +350,41 @@ fn peer_state(last_handshake: Option<std::time::SystemTime>) -> (Option<u64>, St
     (age, state)
 }
 
+/// One configured peer with what the device says of it.
+struct PeerView<'a> {
+    key: &'a PublicKey,
+    want: &'a wg::peers::DesiredPeer,
+    have: Option<&'a wg::uapi::PeerInfo>,
+    /// Seconds since the last handshake.
+    age: Option<u64>,
+    state: String,
+}
+
 impl WgView {
+    fn configured(&self) -> impl Iterator<Item = PeerView<'_>> {
+        self.peers.peers.iter().map(|(key, want)| {
+            let have = self.device.peers.iter().find(|p| p.public_key == *key);
+            let (age, state) = peer_state(have.and_then(|h| h.last_handshake));
+            PeerView {
+                key,
+                want,
+                have,
+                age,
+                state,
+            }
+        })
+    }
+
     fn node_states(&self) -> BTreeMap<String, NodeState> {
         let mut out: BTreeMap<String, NodeState> = self
-            .peers
-            .peers
-            .iter()
-            .map(|(key, want)| {
-                let have = self.device.peers.iter().find(|p| p.public_key == *key);
-                let (age, state) = peer_state(have.and_then(|h| h.last_handshake));
-                let s = if age.is_some_and(|a| a <= 180) {
+            .configured()
+            .map(|p| {
+                let s = if p.age.is_some_and(|a| a <= 180) {
                     NodeState::Up
                 } else {
-                    NodeState::Pending(state)
+                    NodeState::Pending(p.state)
                 };
-                (want.node.clone(), s)
+                (p.want.node.clone(), s)
             })
             .collect();
         for (node, why) in &self.peers.refused {
@@ -375,22 +395,16 @@ impl WgView {
 
     fn status(&self, wg: &WireGuard) -> meshd_api::WireguardStatus {
         let mut peers: Vec<meshd_api::WireguardPeer> = self
-            .peers
-            .peers
-            .iter()
-            .map(|(key, want)| {
-                let have = self.device.peers.iter().find(|p| p.public_key == *key);
-                let (age, state) = peer_state(have.and_then(|h| h.last_handshake));
-                meshd_api::WireguardPeer {
-                    node: want.node.clone(),
-                    public_key: Some(key.to_base64()),
-                    endpoint: Some(want.endpoint.to_string()),
-                    allowed_ips: want.allowed_ips.iter().map(ToString::to_string).collect(),
-                    last_handshake_seconds: age,
-                    transfer_rx: have.map_or(0, |h| h.rx_bytes),
-                    transfer_tx: have.map_or(0, |h| h.tx_bytes),
-                    state,
-                }
+            .configured()
+            .map(|p| meshd_api::WireguardPeer {
+                node: p.want.node.clone(),
+                public_key: Some(p.key.to_base64()),
+                endpoint: Some(p.want.endpoint.to_string()),
+                allowed_ips: p.want.allowed_ips.iter().map(ToString::to_string).collect(),
+                last_handshake_seconds: p.age,
+                transfer_rx: p.have.map_or(0, |h| h.rx_bytes),
+                transfer_tx: p.have.map_or(0, |h| h.tx_bytes),
+                state: p.state,
             })
             .collect();
         peers.extend(
