@@ -198,3 +198,87 @@ fn bad_cilium_node_is_refused_for_that_node_only() {
         "{log}"
     );
 }
+
+/// Whoever can write one CiliumNode cannot steer other nodes' traffic: node-2's object (its
+/// agent stopped, so nobody puts it back) claims half the address space, node-1's own pod CIDR
+/// and half of node-3's; no node routes any of it or lets it into node-2's AllowedIPs, status
+/// names the node and each refused field, node-2's own range keeps working, and after the claim
+/// is withdrawn nothing is left.
+#[test]
+fn forged_node_claims_cannot_steer_traffic() {
+    require_root();
+    let lab = Lab::up("t-claim", 3, 1, "wireguard");
+    lab_ok(&["agent", "--name", &lab.0, "stop", "node-2"]);
+    let forged = r#"{"spec":{"ipam":{"podCIDRs":["198.19.2.0/24","0.0.0.0/1","198.19.1.0/24","198.19.3.128/25"]}}}"#;
+    lab.kubectl(&["patch", "cn", "node-2", "--type=merge", "-p", forged]);
+    for node in ["node-1", "node-3"] {
+        wait_for(
+            &format!("{node} to refuse node-2's forged claims"),
+            Duration::from_secs(5),
+            || {
+                String::from_utf8_lossy(&lab.exec(node, &[meshd_path(), "status"]).stdout)
+                    .contains("spec.ipam.podCIDRs[1]")
+            },
+        );
+        let st =
+            String::from_utf8_lossy(&lab.exec(node, &[meshd_path(), "status"]).stdout).into_owned();
+        assert!(
+            st.contains("0.0.0.0/1 is a default or half-default route")
+                && st.contains("spec.ipam.podCIDRs[3]: 198.19.3.128/25 overlaps"),
+            "{node}: {st}"
+        );
+        let routes = lab.routes(node);
+        for stolen in ["0.0.0.0/1", "198.19.3.128/25"] {
+            assert!(!routes.contains(stolen), "{node} routes {stolen}: {routes}");
+        }
+        assert!(routes.contains("198.19.2.0/24"), "{node}: {routes}");
+        let allowed = String::from_utf8_lossy(
+            &lab.exec(node, &["wg", "show", "cilium_wg0", "allowed-ips"])
+                .stdout,
+        )
+        .into_owned();
+        // node-2's peer: its own range and nothing else.
+        let peer = allowed
+            .lines()
+            .find(|l| l.contains("198.19.2.0/24"))
+            .unwrap_or_else(|| panic!("{node} has no peer for node-2: {allowed}"));
+        assert_eq!(
+            peer.split_whitespace().skip(1).collect::<Vec<_>>(),
+            ["198.19.2.0/24"],
+            "{node}: {allowed}"
+        );
+        assert!(
+            !allowed.contains("0.0.0.0/1") && !allowed.contains("198.19.3.128/25"),
+            "{node}: {allowed}"
+        );
+    }
+    let st =
+        String::from_utf8_lossy(&lab.exec("node-1", &[meshd_path(), "status"]).stdout).into_owned();
+    assert!(
+        st.contains("198.19.1.0/24 overlaps this node's pod CIDR"),
+        "{st}"
+    );
+    // node-1's and node-3's pods still reach each other, and node-2's pod is still reached.
+    assert!(pings(&lab, "pod-1a", "198.19.3.10", 3), "pod-1a -> pod-3a");
+    assert!(pings(&lab, "pod-3a", "198.19.1.10", 3), "pod-3a -> pod-1a");
+    assert!(pings(&lab, "pod-1a", "198.19.2.10", 3), "pod-1a -> pod-2a");
+    // Withdrawn: nothing refused, nothing forged left anywhere.
+    let honest = r#"{"spec":{"ipam":{"podCIDRs":["198.19.2.0/24"]}}}"#;
+    lab.kubectl(&["patch", "cn", "node-2", "--type=merge", "-p", honest]);
+    wait_for(
+        "node-1 to accept node-2 again",
+        Duration::from_secs(5),
+        || {
+            let st = String::from_utf8_lossy(&lab.exec("node-1", &[meshd_path(), "status"]).stdout)
+                .into_owned();
+            !st.contains("refused") && st.contains("node-2\tOk")
+        },
+    );
+    for node in ["node-1", "node-3"] {
+        let routes = lab.routes(node);
+        assert!(
+            !routes.contains("0.0.0.0/1") && !routes.contains("198.19.3.128/25"),
+            "{node}: {routes}"
+        );
+    }
+}

@@ -66,6 +66,12 @@ pub struct AgentConfig {
     #[arg(long, alias = "pod-cidr", env = "MESHD_IPV4_RANGE")]
     pub ipv4_range: Option<ipnet::Ipv4Net>,
 
+    /// The cluster's pod range (Cilium's cluster-pool IPAM option; Helm
+    /// `ipam.operator.clusterPoolIPv4PodCIDRList`): another node's pod CIDR outside it is
+    /// refused. Unset: any range that overlaps nothing else.
+    #[arg(long, env = "MESHD_CLUSTER_POOL_IPV4_CIDR")]
+    pub cluster_pool_ipv4_cidr: Option<ipnet::Ipv4Net>,
+
     /// Where the agent keeps state that must survive restarts (keys, endpoints).
     #[arg(long, env = "MESHD_STATE_DIR", default_value = "/var/lib/meshd")]
     pub state_dir: PathBuf,

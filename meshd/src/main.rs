@@ -119,7 +119,12 @@ fn main() -> std::process::ExitCode {
         match config::AgentConfig::parse_with_files(argv[1..].to_vec()) {
             Ok(cfg) => {
                 init_tracing(std::env::var_os("MESHD_LOG_JSON").is_some());
-                rt.block_on(agent::run(cfg)).map_err(Into::into)
+                // The agent's errors name their causes themselves: print them once.
+                if let Err(e) = rt.block_on(agent::run(cfg)) {
+                    eprintln!("Error: {e}");
+                    return std::process::ExitCode::FAILURE;
+                }
+                Ok(())
             }
             Err(e) => Err(e.into()),
         }

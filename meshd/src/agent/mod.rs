@@ -314,10 +314,28 @@ impl Shared {
                     )
                     .map(ToString::to_string)
                     .collect();
+                let refused = nodes.table.refused.get(&n.name);
                 let state = if let Some(e) = routes.errors.get(&n.name) {
                     ComponentStatus {
                         state: Health::Failure,
                         message: e.clone(),
+                    }
+                } else if let Some(refused) = refused {
+                    ComponentStatus {
+                        state: Health::Failure,
+                        message: format!(
+                            "refused: {}{}",
+                            refused
+                                .iter()
+                                .map(|e| format!("{}: {}", e.field, e.message))
+                                .collect::<Vec<_>>()
+                                .join("; "),
+                            if installed.is_empty() {
+                                String::new()
+                            } else {
+                                format!(" (routed: {})", installed.join(","))
+                            }
+                        ),
                     }
                 } else if n.pod_cidrs.is_empty() || n.internal_ip.is_none() {
                     ComponentStatus {
@@ -524,7 +542,19 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     // One writer per concern; the readers go to whoever needs them.
     let (nodes_w, nodes_r) = state::channel(NodesView {
         // The node ids of an earlier run, read back from the pinned ipcache.
-        table: NodeTable::with_ids(enforce::pinned_node_ids(&pin_dir)),
+        table: NodeTable::new(
+            enforce::pinned_node_ids(&pin_dir),
+            nodes::LocalClaims {
+                name: node_name.clone(),
+                addresses: vec![IpAddr::V4(ip)],
+                pod_cidrs: cfg
+                    .ipv4_range
+                    .iter()
+                    .map(|c| ipnet::IpNet::V4(*c))
+                    .collect(),
+                cluster_pod_range: cfg.cluster_pool_ipv4_cidr.map(ipnet::IpNet::V4),
+            },
+        ),
         ..Default::default()
     });
     let (own_w, own_r) = state::channel(OwnView {
@@ -816,28 +846,32 @@ async fn reconcile_encryption_and_routes(
             };
             let desired = routes::desired(&view.table, &own_name, backend.as_ref(), underlay_mtu);
             match routes.reconcile(&desired).await {
-                Ok(_) => {
+                Ok((_, failed)) => {
                     let installed = routes.installed().await.unwrap_or_default();
-                    routes_out.set(RoutesView {
-                        installed,
-                        errors: BTreeMap::new(),
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "route reconciliation failed; retrying");
-                    if let RouteError::Add { dst, .. } = &e
-                        && let Some(node) = view.table.others(&own_name).find(|n| {
+                    let mut errors = BTreeMap::new();
+                    for e in &failed {
+                        warn!(error = %e, "a route change failed; retrying");
+                        let dst = match e {
+                            RouteError::Add { dst, .. } | RouteError::Remove { dst, .. } => *dst,
+                            _ => continue,
+                        };
+                        if let Some(node) = view.table.others(&own_name).find(|n| {
                             n.pod_cidrs
                                 .iter()
-                                .any(|c| matches!(c, ipnet::IpNet::V4(v4) if v4 == dst))
-                        })
-                    {
-                        let (node, message) = (node.name.clone(), e.to_string());
-                        routes_out.update(|v| {
-                            v.errors.insert(node, message);
-                            true
-                        });
+                                .any(|c| matches!(c, ipnet::IpNet::V4(v4) if *v4 == dst))
+                        }) {
+                            errors.insert(node.name.clone(), e.to_string());
+                        }
                     }
+                    let retry = !failed.is_empty();
+                    routes_out.set(RoutesView { installed, errors });
+                    if retry {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "listing routes failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }

@@ -158,58 +158,296 @@ impl Node {
     }
 }
 
+/// What this node itself holds, which no other node may claim.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LocalClaims {
+    /// This node's name (its own CiliumNode is trusted, not checked).
+    pub name: String,
+    /// This node's addresses.
+    pub addresses: Vec<IpAddr>,
+    /// This node's configured pod CIDRs (those on its own CiliumNode count too).
+    pub pod_cidrs: Vec<ipnet::IpNet>,
+    /// The cluster's pod range (`cluster-pool-ipv4-cidr`): no node's pod CIDR may leave it.
+    pub cluster_pod_range: Option<ipnet::IpNet>,
+}
+
 /// All CiliumNodes this agent knows, by name, plus the ones it had to refuse, each numbered
-/// with its node id. Written by the node watcher alone; the backends, the datapath and the auth
-/// manager read the same table.
+/// with its node id. A node's claims are checked against every other node's and against this
+/// node, so that one CiliumNode cannot steer another node's traffic: a pod CIDR that overlaps
+/// another node's (the node that claimed it first keeps it) or this node's, that contains a
+/// node address, that is a default or half-default route or leaves the cluster's pod range is
+/// refused for that node (its other CIDRs stand), and a node whose address another node already
+/// uses is refused whole. Written by the node watcher alone; the backends, the datapath and the
+/// auth manager read the same table.
 #[derive(Debug, Default, Clone)]
 pub struct NodeTable {
+    /// Every node that parsed, with its pod CIDRs reduced to the accepted ones.
     pub nodes: BTreeMap<String, Node>,
+    /// Nodes refused whole: unparsable, or claiming another node's address.
     pub invalid: BTreeMap<String, NodeError>,
+    /// Per node, the pod CIDRs refused and why (the node's other claims stand).
+    pub refused: BTreeMap<String, Vec<NodeError>>,
+    /// Every node as its object says (before the claims are checked).
+    claimed: BTreeMap<String, Node>,
+    /// Objects that did not parse.
+    unparsable: BTreeMap<String, NodeError>,
+    local: LocalClaims,
     ids: NodeIds,
 }
 
+/// A prefix as a totally ordered key: (family, network, length).
+type PrefixKey = (u8, u128, u8);
+
+fn prefix_key(net: &ipnet::IpNet) -> PrefixKey {
+    match net {
+        ipnet::IpNet::V4(n) => (4, u128::from(u32::from(n.network())), n.prefix_len()),
+        ipnet::IpNet::V6(n) => (6, u128::from(n.network()), n.prefix_len()),
+    }
+}
+
+/// Accepted pod CIDRs, for overlap checks in O(log n) each.
+#[derive(Default)]
+struct Claimed {
+    by_prefix: BTreeMap<PrefixKey, String>,
+}
+
+impl Claimed {
+    /// Who holds a prefix that overlaps `net` (contains it or lies inside it), and which.
+    fn overlap(&self, net: &ipnet::IpNet) -> Option<(&str, ipnet::IpNet)> {
+        let (family, addr, len) = prefix_key(net);
+        let bits: u8 = if family == 4 { 32 } else { 128 };
+        let mask = |l: u8| -> u128 {
+            if l == 0 {
+                0
+            } else {
+                (u128::MAX << (128 - u32::from(l))) >> (128 - u32::from(bits))
+            }
+        };
+        // One that contains it: the same network at any shorter (or equal) length.
+        for l in 0..=len {
+            let k = (family, addr & mask(l), l);
+            if let Some(owner) = self.by_prefix.get(&k) {
+                return Some((owner, key_net(k)));
+            }
+        }
+        // One inside it: a network within its range.
+        let last = addr | !mask(len) & mask(bits);
+        self.by_prefix
+            .range((family, addr, len)..=(family, last, u8::MAX))
+            .next()
+            .map(|(k, owner)| (owner.as_str(), key_net(*k)))
+    }
+
+    fn insert(&mut self, net: &ipnet::IpNet, owner: &str) {
+        self.by_prefix.insert(prefix_key(net), owner.to_string());
+    }
+}
+
+fn key_net((family, addr, len): PrefixKey) -> ipnet::IpNet {
+    let ip = if family == 4 {
+        IpAddr::V4(Ipv4Addr::from(addr as u32))
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::from(addr))
+    };
+    ipnet::IpNet::new(ip, len).unwrap_or_else(|_| ipnet::IpNet::from(ip))
+}
+
 impl NodeTable {
-    /// A table that starts from the ids an earlier run gave (read back from the datapath).
-    pub fn with_ids(ids: NodeIds) -> Self {
+    /// A table that starts from the ids an earlier run gave (read back from the datapath) and
+    /// checks claims against `local`.
+    pub fn new(ids: NodeIds, local: LocalClaims) -> Self {
         Self {
             ids,
+            local,
             ..Default::default()
         }
     }
 
     pub fn apply(&mut self, obj: &DynamicObject) {
         self.insert(obj);
-        self.renumber();
+        self.settle();
     }
 
     fn insert(&mut self, obj: &DynamicObject) {
         let name = obj.metadata.name.clone().unwrap_or_default();
         match Node::from_object(obj) {
             Ok(n) => {
-                self.invalid.remove(&name);
-                self.nodes.insert(name, n);
+                self.unparsable.remove(&name);
+                self.claimed.insert(name, n);
             }
             Err(e) => {
-                tracing::warn!(node = %name, field = %e.field, error = %e, "ignoring an invalid CiliumNode");
-                self.nodes.remove(&name);
-                self.invalid.insert(name, e);
+                if self.unparsable.get(&name) != Some(&e) {
+                    tracing::warn!(node = %name, field = %e.field, error = %e, "ignoring an invalid CiliumNode");
+                }
+                self.claimed.remove(&name);
+                self.unparsable.insert(name, e);
             }
         }
     }
 
     /// Replaces every node with `objects` (a full list), keeping the numbering.
     pub fn replace_all<'a>(&mut self, objects: impl IntoIterator<Item = &'a DynamicObject>) {
-        self.nodes.clear();
-        self.invalid.clear();
+        let before = std::mem::take(&mut self.unparsable);
+        self.claimed.clear();
         for o in objects {
-            self.insert(o);
+            let name = o.metadata.name.clone().unwrap_or_default();
+            match Node::from_object(o) {
+                Ok(n) => {
+                    self.claimed.insert(name, n);
+                }
+                Err(e) => {
+                    if before.get(&name) != Some(&e) {
+                        tracing::warn!(node = %name, field = %e.field, error = %e, "ignoring an invalid CiliumNode");
+                    }
+                    self.unparsable.insert(name, e);
+                }
+            }
         }
-        self.renumber();
+        self.settle();
     }
 
     pub fn delete(&mut self, name: &str) {
-        self.nodes.remove(name);
-        self.invalid.remove(name);
+        self.claimed.remove(name);
+        self.unparsable.remove(name);
+        self.settle();
+    }
+
+    /// Checks every claim again (level-triggered: a withdrawn or freed claim takes effect on
+    /// the next change), then numbers the nodes.
+    fn settle(&mut self) {
+        let local = &self.local;
+        let own = self.claimed.get(&local.name);
+        let mut held = Claimed::default();
+        for net in local
+            .pod_cidrs
+            .iter()
+            .chain(own.iter().flat_map(|n| n.pod_cidrs.iter()))
+        {
+            held.insert(&net.trunc(), &local.name);
+        }
+        // Addresses: this node's first, then every node's in claim order.
+        let mut addresses: BTreeMap<IpAddr, String> = local
+            .addresses
+            .iter()
+            .chain(own.iter().flat_map(|n| n.addresses.iter()))
+            .map(|ip| (*ip, local.name.clone()))
+            .collect();
+        let mut order: Vec<&Node> = self
+            .claimed
+            .values()
+            .filter(|n| n.name != local.name)
+            .collect();
+        order.sort_by(|a, b| (&a.created, &a.name).cmp(&(&b.created, &b.name)));
+        let mut nodes = BTreeMap::new();
+        let mut invalid = self.unparsable.clone();
+        let mut refused: BTreeMap<String, Vec<NodeError>> = BTreeMap::new();
+        let err = |node: &str, field: String, message: String| NodeError {
+            node: node.to_string(),
+            field,
+            message,
+        };
+        // Addresses first, in claim order: a node using an address that is taken is refused
+        // whole (its routes and peer would point at another node).
+        let mut standing = Vec::new();
+        for n in order {
+            if let Some((i, ip, holder)) = n
+                .addresses
+                .iter()
+                .enumerate()
+                .find_map(|(i, ip)| addresses.get(ip).map(|h| (i, ip, h)))
+            {
+                invalid.insert(
+                    n.name.clone(),
+                    err(
+                        &n.name,
+                        format!("spec.addresses[{i}].ip"),
+                        format!("{ip} is the address of {holder}, which claimed it first"),
+                    ),
+                );
+                continue;
+            }
+            for ip in &n.addresses {
+                addresses.insert(*ip, n.name.clone());
+            }
+            standing.push(n);
+        }
+        // Then pod CIDRs, against every address and every CIDR held so far: first the claims
+        // that stood on the last pass (an incumbent keeps what it holds, even against an older
+        // node patched to claim it), then the new ones, each round in claim order.
+        let previous: BTreeSet<(&str, &ipnet::IpNet)> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.pod_cidrs.iter().map(|c| (n.name.as_str(), c)))
+            .collect();
+        let mut verdicts: BTreeMap<&str, BTreeMap<usize, Option<String>>> = BTreeMap::new();
+        for incumbents in [true, false] {
+            for n in &standing {
+                for (i, net) in n.pod_cidrs.iter().enumerate() {
+                    if previous.contains(&(n.name.as_str(), net)) != incumbents {
+                        continue;
+                    }
+                    let why = if net.prefix_len() <= 1 {
+                        Some(format!("{net} is a default or half-default route"))
+                    } else if let Some(range) = local.cluster_pod_range
+                        && !range.contains(net)
+                    {
+                        Some(format!(
+                            "{net} is outside the cluster's pod range {range} (cluster-pool-ipv4-cidr)"
+                        ))
+                    } else if let Some((owner, other)) = held.overlap(net) {
+                        Some(if owner == local.name {
+                            format!("{net} overlaps this node's pod CIDR {other}")
+                        } else {
+                            format!(
+                                "{net} overlaps {owner}'s pod CIDR {other} ({owner} claimed it first)"
+                            )
+                        })
+                    } else {
+                        addresses
+                            .range(net.network()..=net.broadcast())
+                            .next()
+                            .map(|(ip, holder)| format!("{net} contains {holder}'s address {ip}"))
+                    };
+                    if why.is_none() {
+                        held.insert(net, &n.name);
+                    }
+                    verdicts.entry(n.name.as_str()).or_default().insert(i, why);
+                }
+            }
+        }
+        for n in &standing {
+            let mut accepted = (*n).clone();
+            accepted.pod_cidrs.clear();
+            for (i, why) in verdicts.remove(n.name.as_str()).unwrap_or_default() {
+                match why {
+                    Some(message) => refused.entry(n.name.clone()).or_default().push(err(
+                        &n.name,
+                        format!("spec.ipam.podCIDRs[{i}]"),
+                        message,
+                    )),
+                    None => accepted.pod_cidrs.push(n.pod_cidrs[i]),
+                }
+            }
+            nodes.insert(n.name.clone(), accepted);
+        }
+        if let Some(own) = own {
+            nodes.insert(own.name.clone(), own.clone());
+        }
+        for (name, errors) in &refused {
+            if self.refused.get(name) != Some(errors) {
+                for e in errors {
+                    tracing::warn!(node = %name, field = %e.field, reason = %e.message, "refusing a CiliumNode claim");
+                }
+            }
+        }
+        for (name, e) in &invalid {
+            if !self.unparsable.contains_key(name) && self.invalid.get(name) != Some(e) {
+                tracing::warn!(node = %name, field = %e.field, reason = %e.message, "refusing a CiliumNode");
+            }
+        }
+        self.nodes = nodes;
+        self.invalid = invalid;
+        self.refused = refused;
         self.renumber();
     }
 
@@ -457,6 +695,150 @@ mod tests {
         assert_eq!(t.nodes["node-1"].node_id, 2);
         let e = Node::from_object(&obj(json!({"encryption": {"key": 300}}))).unwrap_err();
         assert_eq!(e.field, "spec.encryption.key");
+    }
+
+    fn node(name: &str, created: &str, ip: &str, cidrs: &[&str]) -> DynamicObject {
+        let mut o = obj(json!({
+            "addresses": [{"type": "InternalIP", "ip": ip}],
+            "ipam": {"podCIDRs": cidrs},
+        }));
+        o.metadata.name = Some(name.into());
+        o.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            created.parse().unwrap(),
+        ));
+        o
+    }
+
+    fn cidrs(t: &NodeTable, n: &str) -> Vec<String> {
+        t.nodes[n]
+            .pod_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn forged_claims_cannot_steer_traffic_and_cost_only_their_node() {
+        let local = LocalClaims {
+            name: "node-1".into(),
+            addresses: vec!["198.18.0.11".parse().unwrap()],
+            pod_cidrs: vec!["198.19.1.0/24".parse().unwrap()],
+            cluster_pod_range: None,
+        };
+        let mut t = NodeTable::new(NodeIds::default(), local.clone());
+        let n3 = node(
+            "node-3",
+            "2026-01-01T00:00:00Z",
+            "198.18.0.13",
+            &["198.19.3.0/24"],
+        );
+        let forged = node(
+            "node-2",
+            "2026-01-02T00:00:00Z",
+            "198.18.0.12",
+            &[
+                "198.19.2.0/24",
+                "0.0.0.0/1",
+                "198.19.1.0/24",
+                "198.19.3.128/25",
+                "198.18.0.0/24",
+            ],
+        );
+        t.replace_all([&n3, &forged]);
+        assert_eq!(
+            cidrs(&t, "node-2"),
+            ["198.19.2.0/24"],
+            "only its own range stands"
+        );
+        assert_eq!(
+            cidrs(&t, "node-3"),
+            ["198.19.3.0/24"],
+            "the first claimant keeps it"
+        );
+        let why: Vec<String> = t.refused["node-2"]
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            why,
+            [
+                "CiliumNode \"node-2\": spec.ipam.podCIDRs[1]: 0.0.0.0/1 is a default or half-default route",
+                "CiliumNode \"node-2\": spec.ipam.podCIDRs[2]: 198.19.1.0/24 overlaps this node's pod CIDR 198.19.1.0/24",
+                "CiliumNode \"node-2\": spec.ipam.podCIDRs[3]: 198.19.3.128/25 overlaps node-3's pod CIDR 198.19.3.0/24 (node-3 claimed it first)",
+                "CiliumNode \"node-2\": spec.ipam.podCIDRs[4]: 198.18.0.0/24 contains node-1's address 198.18.0.11",
+            ]
+        );
+        // A wider CIDR over an earlier node's is refused too, and a later node's claim inside
+        // node-2's accepted range as well.
+        let wide = node(
+            "node-4",
+            "2026-01-03T00:00:00Z",
+            "198.18.0.14",
+            &["198.19.0.0/16"],
+        );
+        t.apply(&wide);
+        assert!(cidrs(&t, "node-4").is_empty());
+        // An older node patched to claim a range others hold gets none of it: incumbents keep
+        // what they hold.
+        let old = node(
+            "node-0",
+            "2025-01-01T00:00:00Z",
+            "198.18.0.10",
+            &["198.19.0.0/20"],
+        );
+        t.apply(&old);
+        assert!(
+            cidrs(&t, "node-0").is_empty(),
+            "{:?}",
+            t.refused.get("node-0")
+        );
+        assert_eq!(cidrs(&t, "node-3"), ["198.19.3.0/24"]);
+        // Withdrawn: the next pass takes only what the object says now.
+        let honest = node(
+            "node-2",
+            "2026-01-02T00:00:00Z",
+            "198.18.0.12",
+            &["198.19.2.0/24"],
+        );
+        t.apply(&honest);
+        assert!(!t.refused.contains_key("node-2"));
+        // Another node's address: refused whole, naming the field.
+        let thief = node(
+            "node-5",
+            "2026-01-04T00:00:00Z",
+            "198.18.0.13",
+            &["198.19.5.0/24"],
+        );
+        t.apply(&thief);
+        assert!(!t.nodes.contains_key("node-5"));
+        assert_eq!(
+            t.invalid["node-5"].to_string(),
+            "CiliumNode \"node-5\": spec.addresses[0].ip: 198.18.0.13 is the address of node-3, which claimed it first"
+        );
+        // When the holder leaves, the next claimant gets it.
+        t.delete("node-3");
+        assert_eq!(cidrs(&t, "node-5"), ["198.19.5.0/24"]);
+        // The cluster's pod range, when configured, bounds every claim.
+        let mut t = NodeTable::new(
+            NodeIds::default(),
+            LocalClaims {
+                cluster_pod_range: Some("198.19.0.0/16".parse().unwrap()),
+                ..local
+            },
+        );
+        let out = node(
+            "node-6",
+            "2026-01-05T00:00:00Z",
+            "198.18.0.16",
+            &["10.0.0.0/24", "198.19.6.0/24"],
+        );
+        t.apply(&out);
+        assert_eq!(cidrs(&t, "node-6"), ["198.19.6.0/24"]);
+        assert!(
+            t.refused["node-6"][0]
+                .message
+                .contains("outside the cluster's pod range")
+        );
     }
 
     #[test]

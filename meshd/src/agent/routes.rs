@@ -251,35 +251,61 @@ impl RouteManager {
             .unwrap_or(1500))
     }
 
-    /// Makes the kernel's meshd routes equal `desired`. Returns the changes made.
-    pub async fn reconcile(&self, desired: &RouteSet) -> Result<Vec<Change>, RouteError> {
+    /// Makes the kernel's meshd routes equal `desired`. Every change is tried, whatever happens
+    /// to the others: one that fails costs only its destination (and is retried on the next
+    /// pass), and a removal that finds the route already gone counts as done. Returns the
+    /// changes made and the ones that failed.
+    pub async fn reconcile(
+        &self,
+        desired: &RouteSet,
+    ) -> Result<(Vec<Change>, Vec<RouteError>), RouteError> {
         let installed = self.installed().await?;
-        let changes = plan(&installed, desired);
-        for c in &changes {
-            match *c {
+        let mut done = Vec::new();
+        let mut failed = Vec::new();
+        for c in plan(&installed, desired) {
+            match c {
                 Change::Add(dst, route) | Change::Replace(dst, route) => {
-                    self.handle
+                    match self
+                        .handle
                         .route()
                         .add(route_message(dst, Some(route)))
                         .replace()
                         .execute()
                         .await
-                        .map_err(|source| RouteError::Add { dst, route, source })?;
-                    tracing::info!(%dst, %route, "route installed");
+                    {
+                        Ok(()) => {
+                            tracing::info!(%dst, %route, "route installed");
+                            done.push(c);
+                        }
+                        Err(source) => failed.push(RouteError::Add { dst, route, source }),
+                    }
                 }
                 Change::Remove(dst) => {
-                    self.handle
+                    match self
+                        .handle
                         .route()
                         .del(route_message(dst, None))
                         .execute()
                         .await
-                        .map_err(|source| RouteError::Remove { dst, source })?;
-                    tracing::info!(%dst, "route removed");
+                    {
+                        Ok(()) => {
+                            tracing::info!(%dst, "route removed");
+                            done.push(c);
+                        }
+                        Err(e) if already_gone(&e) => done.push(c),
+                        Err(source) => failed.push(RouteError::Remove { dst, source }),
+                    }
                 }
             }
         }
-        Ok(changes)
+        Ok((done, failed))
     }
+}
+
+/// ESRCH / ENOENT: the route was not there (someone, or the kernel with its device, removed it).
+fn already_gone(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m)
+        if matches!(m.raw_code().abs(), libc::ESRCH | libc::ENOENT))
 }
 
 #[cfg(test)]

@@ -37,8 +37,8 @@ pub enum WatchError {
         message: String,
     },
     #[error(
-        "{source}; still refused after {} s: is the CRD installed, and may the agent's \
-         ServiceAccount list and watch it (RBAC)?", .after.as_secs()
+        "{source}; still refused after {} s: is the CRD installed, are the agent's credentials \
+         valid, and may its ServiceAccount list and watch it (RBAC)?", .after.as_secs()
     )]
     GaveUp {
         #[source]
