@@ -367,3 +367,68 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
         );
     }
 }
+
+/// A dead tunnel device never sends pod traffic in the clear. node-1 gets a default route via
+/// the hub, as every real node has one (and the hub routes every pod CIDR to its node, so a
+/// packet that took it would arrive, unencrypted); then `cilium_wg0` is deleted under it. The
+/// routes into the device go with it, and meshd's backstop underneath (`unreachable … metric
+/// 1000000`) refuses the traffic: not one packet with a pod address crosses the underlay.
+#[test]
+fn a_dead_tunnel_device_leaks_nothing_to_the_default_route() {
+    require_root();
+    let lab = Lab::up("t-leak", 2, 1, "wireguard");
+    sh_in(&lab, "node-1", "ip route add default via 198.18.0.1");
+    assert!(
+        pings(&lab, "pod-1a", "198.19.2.10", 3),
+        "through the tunnel first"
+    );
+    let routes = lab.routes("node-1");
+    assert!(
+        routes.contains("198.19.2.0/24 dev cilium_wg0")
+            && routes.contains("unreachable 198.19.2.0/24")
+            && routes.contains("metric 1000000"),
+        "{routes}"
+    );
+    let tcpdump = Command::new(meshd_lab_path())
+        .args(["exec", "--name", &lab.0, "hub", "--"])
+        .args([
+            "tcpdump",
+            "-n",
+            "-l",
+            "-i",
+            "br0",
+            "ip",
+            "and",
+            "host",
+            "198.19.2.10",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    sh_in(&lab, "node-1", "ip link del cilium_wg0");
+    let out = lab.exec(
+        "pod-1a",
+        &["ping", "-c", "50", "-i", "0.02", "-W", "1", "198.19.2.10"],
+    );
+    assert!(
+        !out.status.success(),
+        "no reply without the tunnel: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let seen = tcpdump.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&seen.stdout).into_owned();
+    assert!(
+        lines.trim().is_empty(),
+        "pod traffic crossed the underlay in the clear:\n{lines}"
+    );
+    let routes = lab.routes("node-1");
+    assert!(routes.contains("unreachable 198.19.2.0/24"), "{routes}");
+}

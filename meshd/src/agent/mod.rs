@@ -310,7 +310,7 @@ impl Shared {
                     .pod_cidrs
                     .iter()
                     .filter(
-                        |c| matches!(c, ipnet::IpNet::V4(v4) if routes.installed.contains_key(v4)),
+                        |c| matches!(c, ipnet::IpNet::V4(v4) if routes.installed.contains_key(&(*v4, 0))),
                     )
                     .map(ToString::to_string)
                     .collect();

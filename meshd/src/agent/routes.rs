@@ -12,7 +12,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol,
+    RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol, RouteType,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -21,6 +21,9 @@ use super::nodes::NodeTable;
 
 /// `proto 193` in `ip route`: the routes meshd owns.
 pub const MESHD_ROUTE_PROTOCOL: u8 = 193;
+
+/// `metric 1000000`: the backstop under each encrypted route (see [`desired`]).
+pub const BACKSTOP_METRIC: u32 = 1_000_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -43,12 +46,13 @@ pub enum RouteError {
     },
 }
 
-/// Where a route sends traffic: directly to the node over the underlay, or into a device
-/// (the WireGuard interface).
+/// Where a route sends traffic: directly to the node over the underlay, into a device (the
+/// WireGuard interface), or nowhere (the backstop: the sender gets "unreachable").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum NextHop {
     Gateway(Ipv4Addr),
     Device(u32),
+    Unreachable,
 }
 
 impl std::fmt::Display for NextHop {
@@ -56,6 +60,7 @@ impl std::fmt::Display for NextHop {
         match self {
             Self::Gateway(g) => write!(f, "via {g}"),
             Self::Device(i) => write!(f, "dev #{i}"),
+            Self::Unreachable => write!(f, "unreachable metric {BACKSTOP_METRIC}"),
         }
     }
 }
@@ -76,12 +81,16 @@ impl std::fmt::Display for Route {
     }
 }
 
-/// Destination → route.
-pub type RouteSet = BTreeMap<Ipv4Net, Route>;
+/// (destination, metric) → route: a destination may have its route and, underneath, a
+/// backstop.
+pub type RouteSet = BTreeMap<(Ipv4Net, u32), Route>;
 
 /// The routes this node should have: every other node's IPv4 pod CIDRs, the way the
 /// encryption backend reaches that node (via its InternalIP, or into the tunnel device), with
-/// the backend's MTU for this underlay (none when it needs no room of its own).
+/// the backend's MTU for this underlay (none when it needs no room of its own). With encryption,
+/// each also gets a backstop: an `unreachable` route of meshd's at a higher metric, so that when
+/// the tunnel route is gone (the device died or was deleted) the traffic is refused instead of
+/// falling through to the default route in the clear.
 pub fn desired(
     table: &NodeTable,
     own_node: &str,
@@ -89,6 +98,7 @@ pub fn desired(
     underlay_mtu: u32,
 ) -> RouteSet {
     let mtu = Some(backend.route_mtu(underlay_mtu)).filter(|m| *m < underlay_mtu);
+    let backstop = backend.mode() != super::encryption::Mode::Disabled;
     let mut out = RouteSet::new();
     for n in table.others(own_node) {
         let Some(reach) = backend.reach(n) else {
@@ -97,23 +107,35 @@ pub fn desired(
         for cidr in &n.pod_cidrs {
             if let ipnet::IpNet::V4(v4) = cidr {
                 out.insert(
-                    *v4,
+                    (*v4, 0),
                     Route {
                         hop: reach.hop,
                         mtu,
                     },
                 );
+                if backstop {
+                    out.insert(
+                        (*v4, BACKSTOP_METRIC),
+                        Route {
+                            hop: NextHop::Unreachable,
+                            mtu: None,
+                        },
+                    );
+                }
             }
         }
     }
     out
 }
 
+/// A destination and metric.
+pub type RouteKey = (Ipv4Net, u32);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Add(Ipv4Net, Route),
-    Replace(Ipv4Net, Route),
-    Remove(Ipv4Net),
+    Add(RouteKey, Route),
+    Replace(RouteKey, Route),
+    Remove(RouteKey, Route),
 }
 
 /// What to do to go from `installed` to `desired`; nothing for routes already right.
@@ -128,9 +150,9 @@ pub fn plan(installed: &RouteSet, desired: &RouteSet) -> Vec<Change> {
     }
     out.extend(
         installed
-            .keys()
-            .filter(|d| !desired.contains_key(d))
-            .map(|d| Change::Remove(*d)),
+            .iter()
+            .filter(|(d, _)| !desired.contains_key(d))
+            .map(|(d, r)| Change::Remove(*d, *r)),
     );
     out
 }
@@ -139,21 +161,27 @@ pub struct RouteManager {
     handle: Handle,
 }
 
-fn route_message(dst: Ipv4Net, route: Option<Route>) -> RouteMessage {
+/// The message for a route; for a removal (`full: false`) only what identifies it: its
+/// destination, metric, type and protocol.
+fn route_message((dst, metric): RouteKey, route: Route, full: bool) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.addr(), dst.prefix_len())
         .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
-    match route.map(|r| r.hop) {
-        Some(NextHop::Gateway(gw)) => b = b.gateway(gw),
-        Some(NextHop::Device(i)) => {
+    if metric != 0 {
+        b = b.priority(metric);
+    }
+    match route.hop {
+        NextHop::Unreachable => b = b.kind(RouteType::Unreachable),
+        NextHop::Gateway(gw) if full => b = b.gateway(gw),
+        NextHop::Device(i) if full => {
             b = b
                 .output_interface(i)
                 .scope(rtnetlink::packet_route::route::RouteScope::Link)
         }
-        None => {}
+        _ => {}
     }
     let mut msg = b.build();
-    if let Some(mtu) = route.and_then(|r| r.mtu) {
+    if let Some(mtu) = route.mtu.filter(|_| full) {
         msg.attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
     }
@@ -183,11 +211,13 @@ impl RouteManager {
             let mut gw = None;
             let mut oif = None;
             let mut mtu = None;
+            let mut metric = 0;
             for a in &msg.attributes {
                 match a {
                     RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
                     RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
                     RouteAttribute::Oif(i) => oif = Some(*i),
+                    RouteAttribute::Priority(p) => metric = *p,
                     RouteAttribute::Metrics(m) => {
                         mtu = m.iter().find_map(|m| match m {
                             RouteMetric::Mtu(v) => Some(*v),
@@ -202,13 +232,14 @@ impl RouteManager {
             else {
                 continue;
             };
-            let hop = match (gw, oif) {
-                (Some(g), _) => NextHop::Gateway(g),
-                (None, Some(i)) => NextHop::Device(i),
+            let hop = match (msg.header.kind, gw, oif) {
+                (RouteType::Unreachable, _, _) => NextHop::Unreachable,
+                (_, Some(g), _) => NextHop::Gateway(g),
+                (_, None, Some(i)) => NextHop::Device(i),
                 // Ours but unusable: record it so that it gets replaced.
-                (None, None) => NextHop::Gateway(Ipv4Addr::UNSPECIFIED),
+                (_, None, None) => NextHop::Gateway(Ipv4Addr::UNSPECIFIED),
             };
-            out.insert(net, Route { hop, mtu });
+            out.insert((net, metric), Route { hop, mtu });
         }
         Ok(out)
     }
@@ -264,11 +295,12 @@ impl RouteManager {
         let mut failed = Vec::new();
         for c in plan(&installed, desired) {
             match c {
-                Change::Add(dst, route) | Change::Replace(dst, route) => {
+                Change::Add(key, route) | Change::Replace(key, route) => {
+                    let dst = key.0;
                     match self
                         .handle
                         .route()
-                        .add(route_message(dst, Some(route)))
+                        .add(route_message(key, route, true))
                         .replace()
                         .execute()
                         .await
@@ -280,16 +312,17 @@ impl RouteManager {
                         Err(source) => failed.push(RouteError::Add { dst, route, source }),
                     }
                 }
-                Change::Remove(dst) => {
+                Change::Remove(key, route) => {
+                    let dst = key.0;
                     match self
                         .handle
                         .route()
-                        .del(route_message(dst, None))
+                        .del(route_message(key, route, false))
                         .execute()
                         .await
                     {
                         Ok(()) => {
-                            tracing::info!(%dst, "route removed");
+                            tracing::info!(%dst, %route, "route removed");
                             done.push(c);
                         }
                         Err(e) if already_gone(&e) => done.push(c),
@@ -325,23 +358,95 @@ mod tests {
     #[test]
     fn plan_touches_only_what_differs() {
         let installed = RouteSet::from([
-            (net("198.19.2.0/24"), ip("198.18.0.12")),
-            (net("198.19.3.0/24"), ip("198.18.0.99")),
-            (net("198.19.4.0/24"), ip("198.18.0.14")),
+            ((net("198.19.2.0/24"), 0), ip("198.18.0.12")),
+            ((net("198.19.3.0/24"), 0), ip("198.18.0.99")),
+            ((net("198.19.4.0/24"), 0), ip("198.18.0.14")),
         ]);
         let desired = RouteSet::from([
-            (net("198.19.2.0/24"), ip("198.18.0.12")),
-            (net("198.19.3.0/24"), ip("198.18.0.13")),
-            (net("198.19.5.0/24"), ip("198.18.0.15")),
+            ((net("198.19.2.0/24"), 0), ip("198.18.0.12")),
+            ((net("198.19.3.0/24"), 0), ip("198.18.0.13")),
+            ((net("198.19.5.0/24"), 0), ip("198.18.0.15")),
         ]);
         assert_eq!(
             plan(&installed, &desired),
             vec![
-                Change::Replace(net("198.19.3.0/24"), ip("198.18.0.13")),
-                Change::Add(net("198.19.5.0/24"), ip("198.18.0.15")),
-                Change::Remove(net("198.19.4.0/24")),
+                Change::Replace((net("198.19.3.0/24"), 0), ip("198.18.0.13")),
+                Change::Add((net("198.19.5.0/24"), 0), ip("198.18.0.15")),
+                Change::Remove((net("198.19.4.0/24"), 0), ip("198.18.0.14")),
             ]
         );
         assert!(plan(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn encrypted_routes_have_a_backstop_underneath() {
+        use crate::agent::encryption::{EncryptionBackend, disabled::Disabled};
+        let mut t = NodeTable::default();
+        let mut o =
+            kube::api::DynamicObject::new("node-2", &crate::agent::nodes::cilium_node_resource());
+        o.data = serde_json::json!({"spec": {
+            "addresses": [{"type": "InternalIP", "ip": "198.18.0.12"}],
+            "ipam": {"podCIDRs": ["198.19.2.0/24"]}}});
+        t.apply(&o);
+        let plain = desired(&t, "node-1", &Disabled as &dyn EncryptionBackend, 1500);
+        assert_eq!(plain.len(), 1, "no backstop without encryption: {plain:?}");
+        struct Tunnel;
+        impl EncryptionBackend for Tunnel {
+            fn mode(&self) -> crate::agent::encryption::Mode {
+                crate::agent::encryption::Mode::Wireguard
+            }
+            fn publication(&self) -> crate::agent::nodes::Publication {
+                Default::default()
+            }
+            fn reconcile<'a>(
+                &'a self,
+                n: &'a NodeTable,
+                o: &'a str,
+            ) -> futures::future::BoxFuture<
+                'a,
+                Result<
+                    BTreeMap<String, crate::agent::encryption::NodeState>,
+                    crate::agent::encryption::EncryptionError,
+                >,
+            > {
+                Disabled.reconcile(n, o)
+            }
+            fn reach(
+                &self,
+                _: &crate::agent::nodes::Node,
+            ) -> Option<crate::agent::encryption::Reach> {
+                Some(crate::agent::encryption::Reach {
+                    hop: NextHop::Device(7),
+                    mark: None,
+                })
+            }
+            fn route_mtu(&self, u: u32) -> u32 {
+                u - 80
+            }
+            fn report(
+                &self,
+            ) -> futures::future::BoxFuture<'_, crate::agent::encryption::EncryptionReport>
+            {
+                Disabled.report()
+            }
+            fn teardown(
+                &self,
+            ) -> futures::future::BoxFuture<'_, Result<(), crate::agent::encryption::EncryptionError>>
+            {
+                Disabled.teardown()
+            }
+        }
+        let tunnel = desired(&t, "node-1", &Tunnel, 1500);
+        assert_eq!(
+            tunnel[&(net("198.19.2.0/24"), 0)],
+            Route {
+                hop: NextHop::Device(7),
+                mtu: Some(1420)
+            }
+        );
+        assert_eq!(
+            tunnel[&(net("198.19.2.0/24"), BACKSTOP_METRIC)].hop,
+            NextHop::Unreachable
+        );
     }
 }

@@ -102,7 +102,7 @@ pub trait EncryptionBackend: Send + Sync {
 
     /// Removes what the backend made (devices, states, policies): for switching backends
     /// and for cleaning a node up. SIGTERM never calls it (a restart keeps traffic flowing).
-    #[expect(
+    #[allow(
         dead_code,
         reason = "its callers (backend switch at runtime, `meshd cleanup`) come with the IPsec and deploy issues"
     )]
