@@ -368,13 +368,15 @@ print(len(data), hashlib.sha256(data).hexdigest(), flush=True)
     }
 }
 
-/// A dead tunnel device never sends pod traffic in the clear. node-1 gets a default route via
-/// the hub, as every real node has one (and the hub routes every pod CIDR to its node, so a
-/// packet that took it would arrive, unencrypted); then `cilium_wg0` is deleted under it. The
-/// routes into the device go with it, and meshd's backstop underneath (`unreachable … metric
-/// 1000000`) refuses the traffic: not one packet with a pod address crosses the underlay.
+/// A dead tunnel device never sends pod traffic in the clear, and comes back by itself. node-1
+/// gets a default route via the hub, as every real node has one (and the hub routes every pod
+/// CIDR to its node, so a packet that took it would arrive, unencrypted); then `cilium_wg0` is
+/// deleted under a ping every 20 ms. The routes into the device go with it, and meshd's
+/// backstop underneath (`unreachable … metric 1000000`) refuses the traffic: not one packet
+/// with a pod address crosses the underlay. The agent notices within a second, brings the
+/// device back with the node's key and peers, and the pings are answered again.
 #[test]
-fn a_dead_tunnel_device_leaks_nothing_to_the_default_route() {
+fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
     require_root();
     let lab = Lab::up("t-leak", 2, 1, "wireguard");
     sh_in(&lab, "node-1", "ip route add default via 198.18.0.1");
@@ -408,14 +410,24 @@ fn a_dead_tunnel_device_leaks_nothing_to_the_default_route() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     sh_in(&lab, "node-1", "ip link del cilium_wg0");
+    // 150 pings 20 ms apart (3 s): refused while the device is gone, answered once the agent
+    // has brought it back.
     let out = lab.exec(
         "pod-1a",
-        &["ping", "-c", "50", "-i", "0.02", "-W", "1", "198.19.2.10"],
+        &["ping", "-c", "150", "-i", "0.02", "-W", "1", "198.19.2.10"],
     );
-    assert!(
-        !out.status.success(),
-        "no reply without the tunnel: {}",
-        String::from_utf8_lossy(&out.stdout)
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let replies: Vec<u32> = text
+        .lines()
+        .filter(|l| l.contains("bytes from 198.19.2.10"))
+        .filter_map(|l| l.split("icmp_seq=").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    let first = *replies
+        .first()
+        .unwrap_or_else(|| panic!("traffic did not resume within 3 s: {text}"));
+    eprintln!(
+        "traffic resumed at ping {first} (about {} ms after the device was deleted)",
+        first * 20
     );
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(
@@ -429,6 +441,14 @@ fn a_dead_tunnel_device_leaks_nothing_to_the_default_route() {
         lines.trim().is_empty(),
         "pod traffic crossed the underlay in the clear:\n{lines}"
     );
+    // The agent brought the device back with the node's key and its peers, and the tunnel
+    // routes followed.
     let routes = lab.routes("node-1");
-    assert!(routes.contains("unreachable 198.19.2.0/24"), "{routes}");
+    assert!(
+        routes.contains("198.19.2.0/24 dev cilium_wg0")
+            && routes.contains("unreachable 198.19.2.0/24"),
+        "{routes}"
+    );
+    let log = std::fs::read_to_string(format!("{}/nodes/node-1/agent.log", lab.dir())).unwrap();
+    assert!(log.contains("the WireGuard device is gone"), "{log}");
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::IpNet;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::key::{PrivateKey, PublicKey};
 use crate::offload::{
@@ -309,6 +309,17 @@ impl Device {
             let n = match tun.read(&mut buf) {
                 Ok(n) if n > hdr => n,
                 Ok(_) => continue,
+                // The interface was deleted: this device is dead. Stop the process (never half
+                // working) so that the agent brings a fresh one up.
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    error!(error = %e, "the TUN device is gone; stopping the userspace WireGuard device");
+                    self.stop.store(true, Ordering::Relaxed);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::this(),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                    return;
+                }
                 Err(e) => {
                     warn!(error = %e, "reading from the TUN device failed");
                     std::thread::sleep(Duration::from_millis(10));

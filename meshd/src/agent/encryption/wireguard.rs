@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::TryStreamExt as _;
@@ -106,10 +107,13 @@ pub fn select_backend(kernel: bool, fallback: bool) -> Result<Backend, WireGuard
 pub struct WireGuard {
     pub backend: Backend,
     pub public_key: PublicKey,
-    pub ifindex: u32,
+    ifindex: AtomicU32,
     pub node_encryption: bool,
     pub keepalive: Option<u16>,
     device: wg::Device,
+    key_path: PathBuf,
+    state_dir: PathBuf,
+    node_ip: Ipv4Addr,
     /// What the last reconciliation saw and did: written by `reconcile` alone (the backend's
     /// own state), read by `report`.
     last: Mutex<WgView>,
@@ -181,8 +185,8 @@ impl WireGuard {
             kernel_has_wireguard(),
             cfg.enable_wireguard_userspace_fallback,
         )?;
-        let key =
-            PrivateKey::load_or_generate(&cfg.state_dir.join(format!("{}.key", wg::INTERFACE)))?;
+        let key_path = cfg.state_dir.join(format!("{}.key", wg::INTERFACE));
+        let key = PrivateKey::load_or_generate(&key_path)?;
         let public_key = key.public_key();
         if backend == Backend::Kernel {
             let k = wg::kernel::KernelDevice::new(wg::INTERFACE);
@@ -196,39 +200,63 @@ impl WireGuard {
         }
         let device = match backend {
             Backend::Kernel => wg::Device::Kernel(wg::kernel::KernelDevice::new(wg::INTERFACE)),
-            Backend::Userspace => {
-                let socket = uapi::socket_path(wg::INTERFACE);
-                let dev = wg::Device::Userspace(socket.clone());
-                if dev.get().await.is_ok() {
+            Backend::Userspace => wg::Device::Userspace(uapi::socket_path(wg::INTERFACE)),
+        };
+        let keepalive = cfg
+            .wireguard_persistent_keepalive
+            .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
+            .filter(|k| *k > 0);
+        let wg = Self {
+            backend,
+            public_key,
+            ifindex: AtomicU32::new(0),
+            node_encryption: cfg.enable_node_encryption,
+            keepalive,
+            device,
+            last: Mutex::new(WgView::default()),
+            key_path,
+            state_dir: cfg.state_dir.clone(),
+            node_ip,
+        };
+        wg.bring_up(&key).await?;
+        Ok(wg)
+    }
+
+    /// Makes the device exist and carry the node's key, fwmark, port, MTU and up state: adopts
+    /// a running one (a restart keeps its sessions: the key is only set when it differs), or
+    /// creates it (the kernel link, or the userspace device's process).
+    async fn bring_up(&self, key: &PrivateKey) -> Result<(), WireGuardError> {
+        match &self.device {
+            wg::Device::Kernel(k) => k.ensure_link().await?,
+            wg::Device::Userspace(_) => {
+                if self.device.get().await.is_ok() {
                     info!(
                         interface = wg::INTERFACE,
                         "adopting the running userspace WireGuard device"
                     );
                 } else {
-                    spawn_userspace_device(&cfg.state_dir)?;
-                    wait_for_device(&dev, &cfg.state_dir).await?;
+                    spawn_userspace_device(&self.state_dir)?;
+                    wait_for_device(&self.device, &self.state_dir).await?;
                 }
-                dev
             }
-        };
-        let current = device.get().await.map_err(device_err)?;
-        // Setting the key resets every session: only when it differs (a restart keeps it).
+        }
+        let current = self.device.get().await.map_err(device_err)?;
         let mut update = DeviceUpdate {
             fwmark: Some(wg::FWMARK),
             ..Default::default()
         };
-        if backend == Backend::Kernel {
+        if self.backend == Backend::Kernel {
             update.listen_port = Some(wg::LISTEN_PORT);
         }
-        if current.public_key != Some(public_key) {
-            info!(public_key = %public_key, "installing the node's WireGuard key");
-            update = update.with_private_key(&key);
+        if current.public_key != Some(self.public_key) {
+            info!(public_key = %self.public_key, "installing the node's WireGuard key");
+            update = update.with_private_key(key);
         }
-        device.set(update).await.map_err(device_err)?;
+        self.device.set(update).await.map_err(device_err)?;
 
         let (conn, handle, _) = rtnetlink::new_connection().map_err(link_err)?;
         let task = tokio::spawn(conn);
-        let mtu = route_mtu(underlay_mtu(&handle, node_ip).await.unwrap_or(1500));
+        let mtu = route_mtu(underlay_mtu(&handle, self.node_ip).await.unwrap_or(1500));
         let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
         if current_mtu != mtu {
             handle
@@ -245,20 +273,57 @@ impl WireGuard {
             .await
             .map_err(link_err)?;
         task.abort();
-        info!(?backend, interface = wg::INTERFACE, mtu, public_key = %public_key, "WireGuard ready");
-        let keepalive = cfg
-            .wireguard_persistent_keepalive
-            .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
-            .filter(|k| *k > 0);
-        Ok(Self {
-            backend,
-            public_key,
-            ifindex,
-            node_encryption: cfg.enable_node_encryption,
-            keepalive,
-            device,
-            last: Mutex::new(WgView::default()),
-        })
+        self.ifindex.store(ifindex, Ordering::Relaxed);
+        info!(backend = ?self.backend, interface = wg::INTERFACE, ifindex, mtu, public_key = %self.public_key, "WireGuard ready");
+        Ok(())
+    }
+
+    /// The device's interface index (it changes when the device is brought back).
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex.load(Ordering::Relaxed)
+    }
+
+    /// Brings the device back when it is gone (its link deleted, or its process dead), with
+    /// the node's key; the peers follow on the same pass. Returns whether it had to.
+    async fn ensure_up(&self) -> Result<bool, WireGuardError> {
+        let link = match rtnetlink::new_connection() {
+            Ok((conn, handle, _)) => {
+                let task = tokio::spawn(conn);
+                let r = link_index_mtu(&handle, Some(wg::INTERFACE), None).await;
+                task.abort();
+                r.ok()
+            }
+            Err(_) => None,
+        };
+        let answers = self.device.get().await.is_ok();
+        if link.is_some() && answers {
+            return Ok(false);
+        }
+        warn!(
+            interface = wg::INTERFACE,
+            link = link.is_some(),
+            device_answers = answers,
+            "the WireGuard device is gone; bringing it back with the node's key"
+        );
+        if let wg::Device::Userspace(_) = self.device {
+            // A device process whose TUN was deleted stops by itself; give it a moment.
+            for _ in 0..20 {
+                if self.device.get().await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let key = PrivateKey::load_or_generate(&self.key_path)?;
+        if key.public_key() != self.public_key {
+            warn!(
+                "the key file changed under a running agent; the published key stays until a restart"
+            );
+        }
+        self.bring_up(&key).await?;
+        // A new device has no peers: plan them from scratch.
+        *self.last() = WgView::default();
+        Ok(true)
     }
 
     fn last(&self) -> std::sync::MutexGuard<'_, WgView> {
@@ -455,9 +520,11 @@ impl EncryptionBackend for WireGuard {
         own: &'a str,
     ) -> BoxFuture<'a, Result<BTreeMap<String, NodeState>, EncryptionError>> {
         let claims = self.claims(nodes, own);
-        let previous = self.last().peers.clone();
         Box::pin(
             async move {
+                // The device first: a deleted or dead one is brought back on this pass.
+                self.ensure_up().await?;
+                let previous = self.last().peers.clone();
                 let (peers, device) = self.reconcile_peers(claims, &previous).await?;
                 let view = WgView { peers, device };
                 let states = view.node_states();
@@ -472,7 +539,7 @@ impl EncryptionBackend for WireGuard {
     /// clear.
     fn reach(&self, node: &Node) -> Option<Reach> {
         node.internal_ipv4().map(|_| Reach {
-            hop: NextHop::Device(self.ifindex),
+            hop: NextHop::Device(self.ifindex()),
             mark: None,
         })
     }
