@@ -286,23 +286,35 @@ impl WireGuard {
     /// Brings the device back when it is gone (its link deleted, or its process dead), with
     /// the node's key; the peers follow on the same pass. Returns whether it had to.
     async fn ensure_up(&self) -> Result<bool, WireGuardError> {
-        let link = match rtnetlink::new_connection() {
-            Ok((conn, handle, _)) => {
-                let task = tokio::spawn(conn);
-                let r = link_index_mtu(&handle, Some(wg::INTERFACE), None).await;
-                task.abort();
-                r.ok()
-            }
-            Err(_) => None,
+        // Only a definite "no such device" counts: a netlink hiccup is not a dead device.
+        let Ok((conn, handle, _)) = rtnetlink::new_connection() else {
+            return Ok(false);
         };
-        let answers = self.device.get().await.is_ok();
-        if link.is_some() && answers {
+        let task = tokio::spawn(conn);
+        let lookup = handle
+            .link()
+            .get()
+            .match_name(wg::INTERFACE.to_string())
+            .execute()
+            .try_next()
+            .await;
+        task.abort();
+        let link = match lookup {
+            Ok(Some(_)) => Some(()),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => None,
+            Ok(None) => None,
+            Err(e) => {
+                warn!(interface = wg::INTERFACE, error = %e, "could not look the WireGuard device up");
+                return Ok(false);
+            }
+        };
+        // The interface is the authority: a userspace device whose process died takes its TUN
+        // interface with it. (A slow UAPI answer alone never starts a second device.)
+        if link.is_some() {
             return Ok(false);
         }
         warn!(
             interface = wg::INTERFACE,
-            link = link.is_some(),
-            device_answers = answers,
             "the WireGuard device is gone; bringing it back with the node's key"
         );
         if let wg::Device::Userspace(_) = self.device {
