@@ -410,11 +410,12 @@ fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     sh_in(&lab, "node-1", "ip link del cilium_wg0");
-    // 150 pings 20 ms apart (3 s): refused while the device is gone, answered once the agent
-    // has brought it back.
+    // Pings 20 ms apart for 3 s (longer under emulation): refused while the device is gone,
+    // answered once the agent has brought it back.
+    let count = (150 * time_scale()).to_string();
     let out = lab.exec(
         "pod-1a",
-        &["ping", "-c", "150", "-i", "0.02", "-W", "1", "198.19.2.10"],
+        &["ping", "-c", &count, "-i", "0.02", "-W", "1", "198.19.2.10"],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let replies: Vec<u32> = text
@@ -424,7 +425,7 @@ fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
         .collect();
     let first = *replies
         .first()
-        .unwrap_or_else(|| panic!("traffic did not resume within 3 s: {text}"));
+        .unwrap_or_else(|| panic!("traffic did not resume within {count} pings: {text}"));
     eprintln!(
         "traffic resumed at ping {first} (about {} ms after the device was deleted)",
         first * 20
