@@ -814,6 +814,7 @@ async fn reconcile_encryption_and_routes(
     routes_out: Writer<RoutesView>,
     every: Duration,
 ) -> Result<(), AgentError> {
+    let mut underlay: Option<(u32, Instant)> = None;
     loop {
         let view = nodes.get();
         let own_view = own.get();
@@ -837,17 +838,21 @@ async fn reconcile_encryption_and_routes(
                     });
                 }
             }
-            let underlay_mtu = match routes.underlay_mtu(node_ip).await {
-                Ok(m) => m,
-                Err(e) => {
-                    warn!(error = %e, "assuming an underlay MTU of 1500");
-                    1500
-                }
-            };
+            // The underlay's MTU changes rarely: read it again every route-sync interval.
+            if underlay.is_none_or(|(_, at)| at.elapsed() >= every) {
+                let mtu = match routes.underlay_mtu(node_ip).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "assuming an underlay MTU of 1500");
+                        1500
+                    }
+                };
+                underlay = Some((mtu, Instant::now()));
+            }
+            let underlay_mtu = underlay.map_or(1500, |(m, _)| m);
             let desired = routes::desired(&view.table, &own_name, backend.as_ref(), underlay_mtu);
             match routes.reconcile(&desired).await {
-                Ok((_, failed)) => {
-                    let installed = routes.installed().await.unwrap_or_default();
+                Ok((installed, failed)) => {
                     let mut errors = BTreeMap::new();
                     for e in &failed {
                         warn!(error = %e, "a route change failed; retrying");

@@ -246,54 +246,23 @@ impl RouteManager {
 
     /// The MTU of the interface that holds the node's underlay address.
     pub async fn underlay_mtu(&self, node_ip: Ipv4Addr) -> Result<u32, RouteError> {
-        let err = |message: String| RouteError::Underlay {
-            ip: node_ip,
-            message,
-        };
-        let mut dump = self.handle.address().get().execute();
-        let mut index = None;
-        while let Some(msg) = dump.try_next().await.map_err(|e| err(e.to_string()))? {
-            if msg
-                .attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip))
-            {
-                index = Some(msg.header.index);
-            }
-        }
-        let index = index.ok_or_else(|| err("no interface has it".into()))?;
-        let link = self
-            .handle
-            .link()
-            .get()
-            .match_index(index)
-            .execute()
-            .try_next()
-            .await
-            .map_err(|e| err(e.to_string()))?
-            .ok_or_else(|| err(format!("interface #{index} is gone")))?;
-        Ok(link
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                LinkAttribute::Mtu(m) => Some(*m),
-                _ => None,
-            })
-            .unwrap_or(1500))
+        underlay_mtu(&self.handle, node_ip).await
     }
 
     /// Makes the kernel's meshd routes equal `desired`. Every change is tried, whatever happens
     /// to the others: one that fails costs only its destination (and is retried on the next
-    /// pass), and a removal that finds the route already gone counts as done. Returns the
-    /// changes made and the ones that failed.
+    /// pass), and a removal that finds the route already gone counts as done. Returns meshd's
+    /// routes as they are after the pass (what was listed, with the changes that took) and the
+    /// changes that failed.
     pub async fn reconcile(
         &self,
         desired: &RouteSet,
-    ) -> Result<(Vec<Change>, Vec<RouteError>), RouteError> {
-        let installed = self.installed().await?;
+    ) -> Result<(RouteSet, Vec<RouteError>), RouteError> {
+        let mut installed = self.installed().await?;
         let mut done = Vec::new();
         let mut failed = Vec::new();
-        for c in plan(&installed, desired) {
+        let changes = plan(&installed, desired);
+        for c in changes {
             match c {
                 Change::Add(key, route) | Change::Replace(key, route) => {
                     let dst = key.0;
@@ -331,8 +300,55 @@ impl RouteManager {
                 }
             }
         }
-        Ok((done, failed))
+        for c in done {
+            match c {
+                Change::Add(key, route) | Change::Replace(key, route) => {
+                    installed.insert(key, route);
+                }
+                Change::Remove(key, _) => {
+                    installed.remove(&key);
+                }
+            }
+        }
+        Ok((installed, failed))
     }
+}
+
+/// The MTU of the interface that holds `node_ip` (the underlay), over `handle`.
+pub async fn underlay_mtu(handle: &Handle, node_ip: Ipv4Addr) -> Result<u32, RouteError> {
+    let err = |message: String| RouteError::Underlay {
+        ip: node_ip,
+        message,
+    };
+    let mut dump = handle.address().get().execute();
+    let mut index = None;
+    while let Some(msg) = dump.try_next().await.map_err(|e| err(e.to_string()))? {
+        if msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip))
+        {
+            index = Some(msg.header.index);
+        }
+    }
+    let index = index.ok_or_else(|| err("no interface has it".into()))?;
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .ok_or_else(|| err(format!("interface #{index} is gone")))?;
+    Ok(link
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(1500))
 }
 
 /// ESRCH / ENOENT: the route was not there (someone, or the kernel with its device, removed it).

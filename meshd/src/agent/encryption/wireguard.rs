@@ -4,7 +4,7 @@
 //! node table.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,7 +13,6 @@ use std::time::Duration;
 use futures::TryStreamExt as _;
 use futures::future::BoxFuture;
 use rtnetlink::LinkUnspec;
-use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use tracing::{Instrument as _, info, info_span, warn};
 use wg::key::{PrivateKey, PublicKey};
@@ -114,6 +113,8 @@ pub struct WireGuard {
     key_path: PathBuf,
     state_dir: PathBuf,
     node_ip: Ipv4Addr,
+    /// One rtnetlink connection for the device's checks (every second) and setup.
+    netlink: rtnetlink::Handle,
     /// What the last reconciliation saw and did: written by `reconcile` alone (the backend's
     /// own state), read by `report`.
     last: Mutex<WgView>,
@@ -158,27 +159,6 @@ async fn link_index_mtu(
     Ok((msg.header.index, mtu))
 }
 
-async fn underlay_mtu(
-    handle: &rtnetlink::Handle,
-    node_ip: Ipv4Addr,
-) -> Result<u32, WireGuardError> {
-    let mut dump = handle.address().get().execute();
-    while let Some(msg) = dump.try_next().await.map_err(link_err)? {
-        if msg
-            .attributes
-            .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(ip)) if *ip == node_ip))
-        {
-            return Ok(link_index_mtu(handle, None, Some(msg.header.index))
-                .await?
-                .1);
-        }
-    }
-    Err(link_err(format!(
-        "no interface has the node address {node_ip}"
-    )))
-}
-
 impl WireGuard {
     pub async fn start(cfg: &AgentConfig, node_ip: Ipv4Addr) -> Result<Self, WireGuardError> {
         let mut backend = select_backend(
@@ -206,7 +186,10 @@ impl WireGuard {
             .wireguard_persistent_keepalive
             .map(|d| d.as_secs().min(u16::MAX as u64) as u16)
             .filter(|k| *k > 0);
+        let (conn, netlink, _) = rtnetlink::new_connection().map_err(link_err)?;
+        tokio::spawn(conn);
         let wg = Self {
+            netlink,
             backend,
             public_key,
             ifindex: AtomicU32::new(0),
@@ -254,10 +237,13 @@ impl WireGuard {
         }
         self.device.set(update).await.map_err(device_err)?;
 
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(link_err)?;
-        let task = tokio::spawn(conn);
-        let mtu = route_mtu(underlay_mtu(&handle, self.node_ip).await.unwrap_or(1500));
-        let (ifindex, current_mtu) = link_index_mtu(&handle, Some(wg::INTERFACE), None).await?;
+        let handle = &self.netlink;
+        let mtu = route_mtu(
+            crate::agent::routes::underlay_mtu(handle, self.node_ip)
+                .await
+                .unwrap_or(1500),
+        );
+        let (ifindex, current_mtu) = link_index_mtu(handle, Some(wg::INTERFACE), None).await?;
         if current_mtu != mtu {
             handle
                 .link()
@@ -272,7 +258,6 @@ impl WireGuard {
             .execute()
             .await
             .map_err(link_err)?;
-        task.abort();
         self.ifindex.store(ifindex, Ordering::Relaxed);
         info!(backend = ?self.backend, interface = wg::INTERFACE, ifindex, mtu, public_key = %self.public_key, "WireGuard ready");
         Ok(())
@@ -287,18 +272,14 @@ impl WireGuard {
     /// the node's key; the peers follow on the same pass. Returns whether it had to.
     async fn ensure_up(&self) -> Result<bool, WireGuardError> {
         // Only a definite "no such device" counts: a netlink hiccup is not a dead device.
-        let Ok((conn, handle, _)) = rtnetlink::new_connection() else {
-            return Ok(false);
-        };
-        let task = tokio::spawn(conn);
-        let lookup = handle
+        let lookup = self
+            .netlink
             .link()
             .get()
             .match_name(wg::INTERFACE.to_string())
             .execute()
             .try_next()
             .await;
-        task.abort();
         let link = match lookup {
             Ok(Some(_)) => Some(()),
             Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code().abs() == libc::ENODEV => None,
