@@ -110,6 +110,40 @@ pub const EVENT_AUTH_REQUIRED: u8 = 2;
 pub const SIGNAL_AUTH_REQUIRED: u32 = 2;
 pub const REASON_POLICY_DENIED: u8 = 133;
 pub const REASON_AUTH_REQUIRED: u8 = 189;
+/// Cilium's DROP_UNENCRYPTED_TRAFFIC: strict mode refused a pod packet that would have left
+/// the node unencrypted.
+pub const REASON_UNENCRYPTED: u8 = 195;
+
+/// Encryption strict mode (`MESHD_STRICT_CFG`, an ARRAY map with one entry, pinned): a local
+/// pod's packet to a strict prefix (`MESHD_STRICT4` / `MESHD_STRICT6`) passes only if the
+/// kernel's route for it goes into `encrypt_ifindex` or to a local endpoint's interface
+/// (`MESHD_LOCAL_IFS`), or it is delivered locally; anything else is dropped with
+/// [`REASON_UNENCRYPTED`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct StrictConfig {
+    pub enabled: u8,
+    /// `encryption-strict-mode-allow-remote-node-identities`: a destination the ipcache calls
+    /// remote-node (identity 6) may be reached unencrypted.
+    pub allow_remote_node: u8,
+    pub pad: u16,
+    /// The encryption device (`cilium_wg0`); 0: none, so nothing in the strict prefixes leaves.
+    pub encrypt_ifindex: u32,
+}
+
+/// Per-CPU drop counters (`MESHD_METRICS`, a PERCPU_ARRAY): slot `reason * 2 + egress`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MetricValue {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+pub const METRICS_SLOTS: u32 = 512;
+
+pub const fn metrics_slot(reason: u8, egress: bool) -> u32 {
+    reason as u32 * 2 + egress as u32
+}
 
 /// Ring-buffer event: a drop (reason, identities, addresses, port) or an AUTH_REQUIRED
 /// signal (`signal_nr = 2` with the auth key).
@@ -143,6 +177,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtValue {}
     unsafe impl aya::Pod for super::EndpointConfig {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::StrictConfig {}
+    unsafe impl aya::Pod for super::MetricValue {}
 }
 
 #[cfg(test)]
@@ -177,5 +213,9 @@ mod tests {
         assert_eq!(size_of::<EndpointConfig>(), 12);
         assert_eq!(size_of::<CtValue>(), 16);
         assert_eq!(size_of::<Event>(), 40);
+        assert_eq!(size_of::<StrictConfig>(), 8);
+        assert_eq!(size_of::<MetricValue>(), 16);
+        assert_eq!(metrics_slot(195, true), 391);
+        assert!(metrics_slot(255, true) < METRICS_SLOTS);
     }
 }

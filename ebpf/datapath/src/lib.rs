@@ -19,7 +19,8 @@ use aya::util::KernelVersion;
 use aya::{Ebpf, EbpfLoader};
 pub use ebpf_common::{
     AuthKey, AuthValue, EVENT_AUTH_REQUIRED, EVENT_DROP, EndpointConfig, Event, IpcacheValue,
-    POLICY_FLAG_DENY, PolicyKey, PolicyValue, REASON_AUTH_REQUIRED, REASON_POLICY_DENIED,
+    METRICS_SLOTS, MetricValue, POLICY_FLAG_DENY, PolicyKey, PolicyValue, REASON_AUTH_REQUIRED,
+    REASON_POLICY_DENIED, REASON_UNENCRYPTED, StrictConfig,
 };
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/meshd-tc"));
@@ -723,4 +724,170 @@ pub fn read_ipcache(pin_dir: &Path) -> Result<Vec<([u8; 4], u32, IpcacheValue)>,
         .into_iter()
         .map(|(prefix, addr, v)| (addr, prefix, v))
         .collect())
+}
+
+/// The maps every endpoint's programs share, created (pinned under `pin_dir`) without
+/// attaching anything when no endpoint has done so yet.
+fn ensure_shared_maps(pin_dir: &Path, probe: &str) -> Result<(), DatapathError> {
+    if pin_dir.join(probe).exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| DatapathError::PinDir {
+        path: pin_dir.display().to_string(),
+        source,
+    })?;
+    EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .load(OBJECT)?;
+    Ok(())
+}
+
+/// What encryption strict mode should be in the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StrictWant {
+    pub config: StrictConfig,
+    /// Strict prefixes: (network address, prefix length).
+    pub v4: std::collections::BTreeSet<([u8; 4], u32)>,
+    pub v6: std::collections::BTreeSet<([u8; 16], u32)>,
+    /// Interface indexes of local endpoints.
+    pub local_ifs: std::collections::BTreeSet<u32>,
+}
+
+/// Encryption strict mode's pinned maps, kept equal to a [`StrictWant`]. Changes are ordered
+/// so that nothing is briefly open: new prefixes and interfaces first, then the settings,
+/// then what is no longer wanted.
+pub struct StrictMode {
+    config: Array<MapData, StrictConfig>,
+    v4: LpmTrie<MapData, [u8; 4], u8>,
+    v6: LpmTrie<MapData, [u8; 16], u8>,
+    local_ifs: HashMap<MapData, u32, u8>,
+    written: Option<StrictWant>,
+}
+
+fn pinned(pin_dir: &Path, name: &'static str) -> Result<aya::maps::MapData, DatapathError> {
+    MapData::from_pin(pin_dir.join(name)).map_err(map_err(name))
+}
+
+impl StrictMode {
+    pub fn open(pin_dir: &Path) -> Result<Self, DatapathError> {
+        ensure_shared_maps(pin_dir, "MESHD_STRICT_CFG")?;
+        Ok(Self {
+            config: Array::try_from(aya::maps::Map::Array(pinned(pin_dir, "MESHD_STRICT_CFG")?))
+                .map_err(map_err("MESHD_STRICT_CFG"))?,
+            v4: pinned_lpm(&pin_dir.join("MESHD_STRICT4"), "MESHD_STRICT4")?,
+            v6: pinned_lpm(&pin_dir.join("MESHD_STRICT6"), "MESHD_STRICT6")?,
+            local_ifs: HashMap::try_from(aya::maps::Map::HashMap(pinned(
+                pin_dir,
+                "MESHD_LOCAL_IFS",
+            )?))
+            .map_err(map_err("MESHD_LOCAL_IFS"))?,
+            written: None,
+        })
+    }
+
+    fn read(&self) -> Result<StrictWant, DatapathError> {
+        Ok(StrictWant {
+            config: self
+                .config
+                .get(&0, 0)
+                .map_err(map_err("MESHD_STRICT_CFG"))?,
+            v4: lpm_entries(&self.v4, "MESHD_STRICT4")?
+                .into_iter()
+                .map(|(p, a, _)| (a, p))
+                .collect(),
+            v6: lpm_entries(&self.v6, "MESHD_STRICT6")?
+                .into_iter()
+                .map(|(p, a, _)| (a, p))
+                .collect(),
+            local_ifs: self
+                .local_ifs
+                .keys()
+                .collect::<Result<_, _>>()
+                .map_err(map_err("MESHD_LOCAL_IFS"))?,
+        })
+    }
+
+    /// Makes the kernel hold `want`; returns whether anything was written.
+    pub fn sync(&mut self, want: &StrictWant) -> Result<bool, DatapathError> {
+        let have = match self.written.take() {
+            Some(w) => w,
+            None => self.read()?,
+        };
+        if &have == want {
+            self.written = Some(have);
+            return Ok(false);
+        }
+        for (a, p) in want.v4.difference(&have.v4) {
+            self.v4
+                .insert(&Key::new(*p, *a), 1, 0)
+                .map_err(map_err("MESHD_STRICT4"))?;
+        }
+        for (a, p) in want.v6.difference(&have.v6) {
+            self.v6
+                .insert(&Key::new(*p, *a), 1, 0)
+                .map_err(map_err("MESHD_STRICT6"))?;
+        }
+        for i in want.local_ifs.difference(&have.local_ifs) {
+            self.local_ifs
+                .insert(i, 1, 0)
+                .map_err(map_err("MESHD_LOCAL_IFS"))?;
+        }
+        if want.config != have.config {
+            self.config
+                .set(0, want.config, 0)
+                .map_err(map_err("MESHD_STRICT_CFG"))?;
+        }
+        let gone = |r: Result<(), aya::maps::MapError>, name| match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(name)(e)),
+        };
+        for (a, p) in have.v4.difference(&want.v4) {
+            gone(self.v4.remove(&Key::new(*p, *a)), "MESHD_STRICT4")?;
+        }
+        for (a, p) in have.v6.difference(&want.v6) {
+            gone(self.v6.remove(&Key::new(*p, *a)), "MESHD_STRICT6")?;
+        }
+        for i in have.local_ifs.difference(&want.local_ifs) {
+            gone(self.local_ifs.remove(i), "MESHD_LOCAL_IFS")?;
+        }
+        self.written = Some(want.clone());
+        Ok(true)
+    }
+}
+
+/// One drop counter: packets and bytes summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DropCount {
+    pub reason: u8,
+    pub egress: bool,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// The datapath's drop counters (non-zero ones), read from the pinned per-CPU map.
+pub fn read_drop_counts(pin_dir: &Path) -> Result<Vec<DropCount>, DatapathError> {
+    let path = pin_dir.join("MESHD_METRICS");
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let data = MapData::from_pin(&path).map_err(map_err("MESHD_METRICS"))?;
+    let map: aya::maps::PerCpuArray<MapData, MetricValue> =
+        aya::maps::PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))
+            .map_err(map_err("MESHD_METRICS"))?;
+    let mut out = Vec::new();
+    for slot in 0..METRICS_SLOTS {
+        let values = map.get(&slot, 0).map_err(map_err("MESHD_METRICS"))?;
+        let (count, bytes) = values
+            .iter()
+            .fold((0, 0), |(c, b), v| (c + v.count, b + v.bytes));
+        if count > 0 {
+            out.push(DropCount {
+                reason: (slot / 2) as u8,
+                egress: slot % 2 == 1,
+                count,
+                bytes,
+            });
+        }
+    }
+    Ok(out)
 }

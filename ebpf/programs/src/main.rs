@@ -2,6 +2,10 @@
 //! veth = traffic the pod sends = its egress policy) and `to_endpoint` (TC egress of the veth =
 //! traffic to the pod = its ingress policy). Verdicts: allow (and remember the flow), deny
 //! (reason 133), or auth required without a live auth entry (AUTH_REQUIRED signal, reason 189).
+//! With encryption strict mode, `from_endpoint` first asks the kernel's FIB where a packet to a
+//! strict prefix would go, and drops it (reason 195) unless that is the encryption device, a
+//! local endpoint or local delivery: a dead tunnel device, a missing route or the agent being
+//! down never lets pod traffic leave in the clear. Drops are counted per CPU.
 
 #![cfg_attr(target_arch = "bpf", no_std, no_main)]
 #![cfg_attr(
@@ -15,7 +19,7 @@ mod prog {
     use aya_ebpf::helpers::bpf_ktime_get_ns;
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
-    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, RingBuf};
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::TcContext;
     use ebpf_common::*;
 
@@ -38,6 +42,17 @@ mod prog {
         LpmTrie::with_max_entries(16384, BPF_F_NO_PREALLOC);
     #[map(name = "CONFIG")]
     static CONFIG: Array<EndpointConfig> = Array::with_max_entries(1, 0);
+    #[map(name = "MESHD_STRICT_CFG")]
+    static STRICT_CFG: Array<StrictConfig> = Array::pinned(1, 0);
+    #[map(name = "MESHD_STRICT4")]
+    static STRICT4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, BPF_F_NO_PREALLOC);
+    #[map(name = "MESHD_STRICT6")]
+    static STRICT6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, BPF_F_NO_PREALLOC);
+    /// Interfaces of local endpoints (host-side veths): traffic routed into one stays on the node.
+    #[map(name = "MESHD_LOCAL_IFS")]
+    static LOCAL_IFS: HashMap<u32, u8> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);
+    #[map(name = "MESHD_METRICS")]
+    static METRICS: PerCpuArray<MetricValue> = PerCpuArray::pinned(METRICS_SLOTS, 0);
 
     #[classifier]
     pub fn from_endpoint(ctx: TcContext) -> i32 {
@@ -216,10 +231,173 @@ mod prog {
         }
     }
 
+    const REMOTE_NODE: u32 = 6;
+    const AF_INET: u8 = 2;
+    const AF_INET6: u8 = 10;
+
+    /// Counts a drop (per CPU: no shared cache line).
+    #[inline(always)]
+    fn count_drop(ctx: &TcContext, reason: u8, egress: bool) {
+        if let Some(m) = METRICS.get_ptr_mut(metrics_slot(reason, egress)) {
+            // SAFETY: a per-CPU slot of a map lookup, valid for this run, touched by this CPU only.
+            let m = unsafe { &mut *m };
+            m.count += 1;
+            m.bytes += u64::from(ctx.len());
+        }
+    }
+
+    /// Where the kernel would send a packet from this endpoint to `dst` (`family` AF_INET with
+    /// the address in the first 4 bytes, or AF_INET6): whether it stays encrypted or on the
+    /// node. Everything else (another device, no route, a blackhole or unreachable route)
+    /// would leave in the clear or is refused anyway.
+    #[inline(never)]
+    fn leaves_encrypted(
+        ctx: &TcContext,
+        cfg: &StrictConfig,
+        family: u8,
+        src: &[u32; 4],
+        dst: &[u32; 4],
+    ) -> bool {
+        use aya_ebpf::bindings::*;
+        // SAFETY: all-zero is a valid bpf_fib_lookup (plain integers and unions of them).
+        let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+        fib.family = family;
+        // SAFETY: the context's __sk_buff is valid for the program's run.
+        fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if family == AF_INET {
+            fib.__bindgen_anon_3.ipv4_src = src[0];
+            fib.__bindgen_anon_4.ipv4_dst = dst[0];
+        } else {
+            fib.__bindgen_anon_3.ipv6_src = *src;
+            fib.__bindgen_anon_4.ipv6_dst = *dst;
+        }
+        // SAFETY: the helper reads and writes `fib`, a stack object of the size passed.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_fib_lookup(
+                ctx.skb.skb as *mut _,
+                &mut fib,
+                core::mem::size_of::<bpf_fib_lookup>() as i32,
+                0,
+            )
+        };
+        if rc < 0 {
+            return false;
+        }
+        let rc = rc as u32;
+        if rc == BPF_FIB_LKUP_RET_NOT_FWDED {
+            // Delivered to this node itself.
+            return true;
+        }
+        let routed = rc == BPF_FIB_LKUP_RET_SUCCESS
+            || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+            || rc == BPF_FIB_LKUP_RET_FRAG_NEEDED;
+        if !routed {
+            return false;
+        }
+        (cfg.encrypt_ifindex != 0 && fib.ifindex == cfg.encrypt_ifindex)
+            // SAFETY: a map lookup by value.
+            || unsafe { LOCAL_IFS.get(&fib.ifindex) }.is_some()
+    }
+
+    /// Strict mode for an IPv4 packet from the endpoint: `true` = drop it.
+    #[inline(always)]
+    fn strict_refuses_v4(ctx: &TcContext, p: &Packet) -> bool {
+        let Some(cfg) = STRICT_CFG.get(0) else {
+            return false;
+        };
+        if cfg.enabled == 0 || STRICT4.get(Key::new(32, p.daddr)).is_none() {
+            return false;
+        }
+        if cfg.allow_remote_node != 0
+            && IPCACHE
+                .get(Key::new(32, p.daddr))
+                .is_some_and(|v| v.identity == REMOTE_NODE)
+        {
+            return false;
+        }
+        let src = [u32::from_ne_bytes(p.saddr), 0, 0, 0];
+        let dst = [u32::from_ne_bytes(p.daddr), 0, 0, 0];
+        !leaves_encrypted(ctx, cfg, AF_INET, &src, &dst)
+    }
+
+    /// Strict mode for an IPv6 packet from the endpoint (Cilium's is IPv4 only): `true` = drop.
+    #[inline(never)]
+    fn strict_refuses_v6(ctx: &TcContext) -> bool {
+        let Some(cfg) = STRICT_CFG.get(0) else {
+            return false;
+        };
+        if cfg.enabled == 0 || !ctx.load::<u16>(12).is_ok_and(|t| u16::from_be(t) == 0x86dd) {
+            return false;
+        }
+        // Ethernet (14), then the IPv6 header: source at 8, destination at 24.
+        let (Ok(src), Ok(dst)) = (ctx.load::<[u8; 16]>(14 + 8), ctx.load::<[u8; 16]>(14 + 24))
+        else {
+            // Unreadable: judged as the worst case.
+            return true;
+        };
+        if STRICT6.get(Key::new(128, dst)).is_none() {
+            return false;
+        }
+        let words = |a: [u8; 16]| {
+            [
+                u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+                u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+                u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+                u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+            ]
+        };
+        !leaves_encrypted(ctx, cfg, AF_INET6, &words(src), &words(dst))
+    }
+
+    fn unencrypted_drop(ctx: &TcContext, p: &Packet) -> i32 {
+        count_drop(ctx, REASON_UNENCRYPTED, true);
+        let local = CONFIG.get(0).map_or(0, |c| c.local_identity);
+        let remote = IPCACHE
+            .get(Key::new(32, p.daddr))
+            .map_or(WORLD, |v| v.identity);
+        emit(
+            EVENT_DROP,
+            REASON_UNENCRYPTED,
+            true,
+            p,
+            local,
+            remote,
+            AuthKey::default(),
+        );
+        TC_ACT_SHOT as i32
+    }
+
     fn verdict(ctx: &TcContext, egress: bool) -> i32 {
         let Some(p) = parse(ctx) else {
+            if egress && strict_refuses_v6(ctx) {
+                count_drop(ctx, REASON_UNENCRYPTED, true);
+                let none = Packet {
+                    saddr: [0; 4],
+                    daddr: [0; 4],
+                    proto: 0,
+                    sport: 0,
+                    dport: 0,
+                    tcp_flags: 0,
+                };
+                let local = CONFIG.get(0).map_or(0, |c| c.local_identity);
+                emit(
+                    EVENT_DROP,
+                    REASON_UNENCRYPTED,
+                    true,
+                    &none,
+                    local,
+                    WORLD,
+                    AuthKey::default(),
+                );
+                return TC_ACT_SHOT as i32;
+            }
             return not_ipv4(ctx, egress);
         };
+        // Strict mode before anything else, established flows included: a flow allowed a
+        // minute ago must not leave in the clear because the tunnel died since.
+        if egress && strict_refuses_v4(ctx, &p) {
+            return unencrypted_drop(ctx, &p);
+        }
         // Conntrack: replies and later packets of a flow this endpoint allowed pass without a
         // policy lookup, as long as the endpoint's policy has not changed since.
         // SAFETY: the context's __sk_buff is valid for the program's run; ifindex is readable.
@@ -322,6 +500,7 @@ mod prog {
         let v = match entry {
             Some(v) if v.flags & POLICY_FLAG_DENY == 0 => v,
             _ => {
+                count_drop(ctx, REASON_POLICY_DENIED, egress);
                 emit(
                     EVENT_DROP,
                     REASON_POLICY_DENIED,
@@ -347,6 +526,7 @@ mod prog {
             let now_s = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
             let live = unsafe { AUTH.get(&key) }.is_some_and(|a| now_s < a.expiration);
             if !live {
+                count_drop(ctx, REASON_AUTH_REQUIRED, egress);
                 emit(
                     EVENT_AUTH_REQUIRED,
                     REASON_AUTH_REQUIRED,
