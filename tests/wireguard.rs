@@ -391,6 +391,15 @@ fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
             && routes.contains("metric 1000000"),
         "{routes}"
     );
+    // Strict mode is on in the lab, over every pod CIDR; a healthy node's status exits 0.
+    let st = lab.exec("node-1", &[meshd_path(), "status"]);
+    let text = String::from_utf8_lossy(&st.stdout).into_owned();
+    assert!(st.status.success(), "{text}");
+    assert!(
+        text.lines().any(|l| l.starts_with("Strict mode:")
+            && l.contains("Enabled for 198.19.1.0/24,198.19.2.0/24")),
+        "{text}"
+    );
     break_tunnel_and_watch_the_wire(&lab, "deleted", || {
         sh_in(&lab, "node-1", "ip link del cilium_wg0");
     });
@@ -418,8 +427,11 @@ fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
         let pid: i32 = pids
             .split_whitespace()
             .find(|p| {
-                std::fs::read(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains("wireguard-userspace"))
+                // `meshd wireguard-userspace …` (the agent's own arguments mention the
+                // userspace fallback too: match the subcommand, not a substring).
+                std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+                    c.split(|b| *b == 0).nth(1) == Some(b"wireguard-userspace".as_slice())
+                })
             })
             .expect("node-1's userspace device process")
             .parse()
@@ -437,12 +449,73 @@ fn a_dead_tunnel_device_leaks_nothing_and_comes_back() {
             "tunnel route back after the process was killed"
         );
     }
+
+    // Strict mode alone: the agent stopped, the device deleted and the backstop route removed
+    // too, so the default route would carry pod traffic. The pinned programs still refuse it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lab.agent_pid("node-1")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let tcpdump = capture_pod_packets(&lab);
+    let drops_before = unencrypted_drops(&lab, "node-1");
+    sh_in(&lab, "node-1", "ip link del cilium_wg0");
+    sh_in(
+        &lab,
+        "node-1",
+        "ip route del unreachable 198.19.2.0/24 metric 1000000",
+    );
+    let routes = lab.routes("node-1");
+    assert!(!routes.contains("198.19.2.0/24"), "{routes}");
+    let out = lab.exec(
+        "pod-1a",
+        &["ping", "-c", "300", "-i", "0.01", "-W", "1", "198.19.2.10"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains("bytes from 198.19.2.10"), "{text}");
+    let lines = stop_capture(tcpdump);
+    assert!(
+        lines.trim().is_empty(),
+        "with the agent stopped and the tunnel gone, pod traffic crossed the underlay in the clear:\n{lines}"
+    );
+    let dropped = unencrypted_drops(&lab, "node-1") - drops_before;
+    assert!(
+        dropped >= 300,
+        "only {dropped} of 300 pings were counted as reason 195"
+    );
+    // The agent back: device, routes and traffic return.
+    lab_ok(&["agent", "--name", &lab.0, "start", "node-1"]);
+    wait_for(
+        "traffic after the agent restart",
+        scaled(Duration::from_secs(20)),
+        || pings(&lab, "pod-1a", "198.19.2.10", 1),
+    );
 }
 
 /// Captures on the underlay (hub bridge) while `break_it` takes node-1's tunnel down and pod-1a
 /// pings pod-2a every 20 ms for 3 s (longer under emulation): asserts that no packet with the
 /// pod's address crossed in the clear and that the pings are answered again.
-fn break_tunnel_and_watch_the_wire(lab: &Lab, how: &str, break_it: impl FnOnce()) {
+/// The datapath's reason-195 drop counter on `node` (`meshd bpf metrics list`).
+fn unencrypted_drops(lab: &Lab, node: &str) -> u64 {
+    let out = lab.exec(
+        node,
+        &[meshd_path(), "bpf", "metrics", "list", "-o", "json"],
+    );
+    assert!(
+        out.status.success(),
+        "meshd bpf metrics list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    rows.iter()
+        .filter(|r| r["reason"] == 195)
+        .map(|r| r["packets"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// tcpdump on the hub bridge for packets with pod-2a's address; `stop_capture` returns them.
+fn capture_pod_packets(lab: &Lab) -> std::process::Child {
     let tcpdump = Command::new(meshd_lab_path())
         .args(["exec", "--name", &lab.0, "hub", "--"])
         .args([
@@ -461,11 +534,29 @@ fn break_tunnel_and_watch_the_wire(lab: &Lab, how: &str, break_it: impl FnOnce()
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
+    tcpdump
+}
+
+fn stop_capture(tcpdump: std::process::Child) -> String {
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let seen = tcpdump.wait_with_output().unwrap();
+    String::from_utf8_lossy(&seen.stdout).into_owned()
+}
+
+fn break_tunnel_and_watch_the_wire(lab: &Lab, how: &str, break_it: impl FnOnce()) {
+    let tcpdump = capture_pod_packets(lab);
+    let drops_before = unencrypted_drops(lab, "node-1");
     break_it();
-    let count = (150 * time_scale()).to_string();
+    // A ping every 10 ms, 1,000 of them (more under emulation, where everything is slower).
+    let count = (1000 * time_scale()).to_string();
     let out = lab.exec(
         "pod-1a",
-        &["ping", "-c", &count, "-i", "0.02", "-W", "1", "198.19.2.10"],
+        &["ping", "-c", &count, "-i", "0.01", "-W", "1", "198.19.2.10"],
     );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let replies: Vec<u32> = text
@@ -476,18 +567,22 @@ fn break_tunnel_and_watch_the_wire(lab: &Lab, how: &str, break_it: impl FnOnce()
     let first = *replies.first().unwrap_or_else(|| {
         panic!("traffic did not resume within {count} pings after the device was {how}: {text}")
     });
-    eprintln!(
-        "traffic resumed at ping {first} (about {} ms after the device was {how})",
-        first * 20
+    let resumed_ms = first * 10;
+    eprintln!("traffic resumed at ping {first} (about {resumed_ms} ms after the device was {how})");
+    assert!(
+        resumed_ms <= 2000 * time_scale(),
+        "traffic took {resumed_ms} ms to resume after the device was {how} (at most 2 s)"
     );
-    std::thread::sleep(Duration::from_millis(300));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(tcpdump.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let seen = tcpdump.wait_with_output().unwrap();
-    let lines = String::from_utf8_lossy(&seen.stdout).into_owned();
+    let dropped = unencrypted_drops(lab, "node-1") - drops_before;
+    eprintln!("strict mode dropped {dropped} packets (reason 195) meanwhile");
+    // Pings lost before the first answer were refused by strict mode, each one counted.
+    let lost = u64::from(first.saturating_sub(1));
+    assert!(
+        dropped >= lost.saturating_sub(2),
+        "while the device was {how}, {lost} pings went unanswered but only {dropped} drops were \
+         counted as reason 195 (Traffic is unencrypted)"
+    );
+    let lines = stop_capture(tcpdump);
     assert!(
         lines.trim().is_empty(),
         "pod traffic crossed the underlay in the clear after the device was {how}:\n{lines}"

@@ -89,6 +89,13 @@ pub struct WireguardStatus {
     pub peers: Vec<WireguardPeer>,
 }
 
+fn unknown() -> ComponentStatus {
+    ComponentStatus {
+        state: Health::Disabled,
+        message: "not reported by this agent".into(),
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Status {
@@ -99,6 +106,15 @@ pub struct Status {
     pub pod_cidrs: Vec<String>,
     /// The `Encryption:` line's content after the tab, e.g. `Disabled`.
     pub encryption: String,
+    /// Whether encryption works right now (the device is there and answers).
+    #[serde(default = "unknown")]
+    pub encryption_health: ComponentStatus,
+    /// Encryption strict mode.
+    #[serde(default = "unknown")]
+    pub strict_mode: ComponentStatus,
+    /// The eBPF datapath (policy enforcement).
+    #[serde(default = "unknown")]
+    pub datapath: ComponentStatus,
     #[serde(default)]
     pub wireguard: Option<WireguardStatus>,
     pub nodes: Vec<NodeStatus>,
@@ -345,5 +361,23 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+impl Status {
+    /// What makes this node unhealthy (`meshd status` exits non-zero): the API server
+    /// unreachable, encryption or strict mode or the datapath failing. Refused or unreachable
+    /// other nodes are shown but are theirs, not this node's.
+    pub fn failures(&self) -> Vec<String> {
+        [
+            ("Kubernetes", &self.kubernetes),
+            ("Encryption", &self.encryption_health),
+            ("Strict mode", &self.strict_mode),
+            ("Datapath", &self.datapath),
+        ]
+        .into_iter()
+        .filter(|(_, c)| c.state == Health::Failure)
+        .map(|(name, c)| format!("{name}: {}", c.message))
+        .collect()
     }
 }

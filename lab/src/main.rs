@@ -181,13 +181,18 @@ async fn run(cmd: LabCommand) -> Result<()> {
         } => {
             need_root()?;
             if encryption == "wireguard" {
-                agent_args.splice(
-                    0..0,
-                    [
-                        "--enable-wireguard".to_string(),
-                        "--enable-wireguard-userspace-fallback".to_string(),
-                    ],
-                );
+                let mut defaults = vec![
+                    "--enable-wireguard".to_string(),
+                    "--enable-wireguard-userspace-fallback".to_string(),
+                ];
+                // Strict mode is on in the lab unless the agent arguments say otherwise.
+                if !agent_args
+                    .iter()
+                    .any(|a| a.contains("encryption-strict-mode"))
+                {
+                    defaults.push("--enable-encryption-strict-mode".to_string());
+                }
+                agent_args.splice(0..0, defaults);
             }
             let lab = topology::up(
                 &UpOptions {

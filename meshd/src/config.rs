@@ -101,6 +101,23 @@ pub struct AgentConfig {
     #[arg(long, env = "MESHD_ENABLE_NODE_ENCRYPTION", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     pub enable_node_encryption: bool,
 
+    /// Encryption strict mode (Helm: encryption.strictMode.enabled): a local pod's packet to the
+    /// strict CIDRs that would leave the node unencrypted is dropped in the eBPF datapath
+    /// (reason 195, "Traffic is unencrypted"), a dead tunnel device or a stopped agent included.
+    #[arg(long, env = "MESHD_ENABLE_ENCRYPTION_STRICT_MODE", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub enable_encryption_strict_mode: bool,
+
+    /// The CIDRs strict mode covers, IPv4 and IPv6, comma-separated (Helm:
+    /// encryption.strictMode.cidr). Unset: cluster-pool-ipv4-cidr when set, else every pod CIDR
+    /// of the cluster (the CiliumNodes' and the own), kept up to date.
+    #[arg(long, env = "MESHD_ENCRYPTION_STRICT_MODE_CIDR", default_value = "")]
+    pub encryption_strict_mode_cidr: String,
+
+    /// Let pods reach the addresses of other nodes (identity remote-node) unencrypted even inside
+    /// the strict CIDRs (Helm: encryption.strictMode.allowRemoteNodeIdentities).
+    #[arg(long, env = "MESHD_ENCRYPTION_STRICT_MODE_ALLOW_REMOTE_NODE_IDENTITIES", num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    pub encryption_strict_mode_allow_remote_node_identities: bool,
+
     /// Mutual authentication for policies with `authentication.mode: required`.
     #[arg(long, env = "MESHD_MESH_AUTH_ENABLED", num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     pub mesh_auth_enabled: bool,
@@ -248,6 +265,24 @@ impl AgentConfig {
     }
 
     /// Refuses combinations this build cannot honour, rather than running without them.
+    /// `encryption-strict-mode-cidr` parsed: empty (the default) or CIDRs separated by commas.
+    pub fn strict_mode_cidrs(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        self.encryption_strict_mode_cidr
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(|c| {
+                c.parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "encryption-strict-mode-cidr: {c:?} is not a CIDR like 10.0.0.0/8 or fd00::/8"
+                        ))
+                    })
+            })
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.enable_wireguard && self.enable_ipsec {
             return Err(ConfigError::Invalid(
@@ -267,6 +302,29 @@ impl AgentConfig {
                     .into(),
             ));
         }
+        let strict_cidrs = self.strict_mode_cidrs()?;
+        if self.enable_encryption_strict_mode {
+            if !self.enable_wireguard && !self.enable_ipsec {
+                return Err(ConfigError::Invalid(
+                    "enable-encryption-strict-mode needs encryption: set enable-wireguard \
+                     (Helm: encryption.enabled=true, encryption.type=wireguard)"
+                        .into(),
+                ));
+            }
+            if self.enable_policy == "never" {
+                return Err(ConfigError::Invalid(
+                    "enable-encryption-strict-mode is enforced by the eBPF datapath, which \
+                     enable-policy=never turns off: use enable-policy=default or always"
+                        .into(),
+                ));
+            }
+            if let Some(c) = strict_cidrs.iter().find(|c| c.prefix_len() == 0) {
+                return Err(ConfigError::Invalid(format!(
+                    "encryption-strict-mode-cidr {c} covers every address: pods could reach \
+                     nothing outside the cluster; give the cluster's pod range"
+                )));
+            }
+        }
         if self.route_sync_interval < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "route-sync-interval must be at least 1s".into(),
@@ -285,6 +343,61 @@ mod tests {
             .chain(extra.iter().copied())
             .map(OsString::from)
             .collect()
+    }
+
+    #[test]
+    fn strict_mode_options_are_checked() {
+        let parse = |extra: &[&str]| {
+            AgentConfig::parse_with_files(argv(extra)).and_then(|c| c.validate().map(|()| c))
+        };
+        let c = parse(&[
+            "--enable-wireguard",
+            "--enable-encryption-strict-mode",
+            "--encryption-strict-mode-cidr",
+            "198.19.0.0/16, fd00:10::1/48",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.strict_mode_cidrs().unwrap(),
+            vec![
+                "198.19.0.0/16".parse::<ipnet::IpNet>().unwrap(),
+                "fd00:10::/48".parse().unwrap()
+            ]
+        );
+        let err = |extra: &[&str]| {
+            parse(extra)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert!(err(&["--enable-encryption-strict-mode"]).contains("needs encryption"));
+        assert!(
+            err(&[
+                "--enable-wireguard",
+                "--enable-encryption-strict-mode",
+                "--enable-policy",
+                "never"
+            ])
+            .contains("enable-policy=never")
+        );
+        assert!(
+            err(&[
+                "--enable-wireguard",
+                "--enable-encryption-strict-mode",
+                "--encryption-strict-mode-cidr",
+                "10.0.0/8"
+            ])
+            .contains("\"10.0.0/8\" is not a CIDR")
+        );
+        assert!(
+            err(&[
+                "--enable-wireguard",
+                "--enable-encryption-strict-mode",
+                "--encryption-strict-mode-cidr",
+                "0.0.0.0/0"
+            ])
+            .contains("covers every address")
+        );
     }
 
     #[test]

@@ -84,6 +84,16 @@ enum Command {
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // netlink-packet-route warns, on every link dump, about attributes a newer kernel sends
+    // than it knows (IFLA_INET6_CONF growing): noise, once a second, unless asked for.
+    let filter =
+        if std::env::var("RUST_LOG").is_ok_and(|v| v.contains("netlink_packet_route")) {
+            filter
+        } else {
+            filter.add_directive("netlink_packet_route=error".parse().unwrap_or_else(|_| {
+                tracing_subscriber::filter::Directive::from(tracing::Level::ERROR)
+            }))
+        };
     // Colours only for a person at a terminal: a log file (the lab's agent.log, journald)
     // stays plain text that grep and parsers can read.
     let builder = tracing_subscriber::fmt()

@@ -128,6 +128,9 @@ pub struct Enforcer {
     events: Option<datapath::Events>,
     /// The shared ipcache, once a program instance has created (or an earlier run left) its pin.
     ipcache: Option<datapath::Ipcache>,
+    /// Strict-mode drops are logged at most once a second, with their count.
+    unencrypted_logged: Option<std::time::Instant>,
+    unencrypted_since_log: u64,
 }
 
 /// Everything one datapath pass computes from: snapshots of the other concerns.
@@ -254,6 +257,8 @@ impl Enforcer {
             endpoints: BTreeMap::new(),
             events: None,
             ipcache: None,
+            unencrypted_logged: None,
+            unencrypted_since_log: 0,
         }
     }
 
@@ -387,6 +392,17 @@ impl Enforcer {
                     remote_node_id = e.auth.remote_node_id, auth_type = e.auth.auth_type, %src, %dst, dport = e.dport,
                     "AUTH_REQUIRED: dropped (reason 189, Authentication required)"
                 );
+            } else if e.reason == datapath::REASON_UNENCRYPTED {
+                // A dead tunnel can drop hundreds a second: one line a second at most.
+                self.unencrypted_since_log += 1;
+                if self
+                    .unencrypted_logged
+                    .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+                {
+                    warn!(reason = e.reason, drops = self.unencrypted_since_log, src_identity = e.src_identity, %src, %dst, "strict mode dropped traffic that would have left the node unencrypted (reason 195, Traffic is unencrypted)");
+                    self.unencrypted_logged = Some(std::time::Instant::now());
+                    self.unencrypted_since_log = 0;
+                }
             } else {
                 info!(reason = e.reason, src_identity = e.src_identity, dst_identity = e.dst_identity, %src, %dst, dport = e.dport, proto = e.proto, "dropped (Policy denied)");
             }
@@ -398,11 +414,7 @@ impl Enforcer {
                     "drop".into()
                 },
                 reason: e.reason,
-                reason_text: if auth {
-                    "Authentication required".into()
-                } else {
-                    "Policy denied".into()
-                },
+                reason_text: crate::cli::bpf::reason_text(e.reason).into(),
                 src_identity: e.src_identity,
                 dst_identity: e.dst_identity,
                 src: src.to_string(),

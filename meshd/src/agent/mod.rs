@@ -16,6 +16,7 @@ pub mod nodes;
 pub mod policy;
 pub mod routes;
 pub mod state;
+pub mod strict;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -185,6 +186,7 @@ pub struct Shared {
     identities: Reader<Identities>,
     policy: Reader<PolicyView>,
     datapath: Reader<ComponentStatus>,
+    strict: Reader<ComponentStatus>,
     /// Datapath events for `meshd monitor`.
     pub monitor: tokio::sync::broadcast::Sender<meshd_api::MonitorEvent>,
 }
@@ -383,6 +385,9 @@ impl Shared {
             node_addresses: vec![own.own.internal_ip],
             pod_cidrs: own.own.pod_cidrs.clone(),
             encryption: report.line,
+            encryption_health: report.health,
+            strict_mode: (*self.strict.peek()).clone(),
+            datapath: (*self.datapath.peek()).clone(),
             wireguard: report.wireguard,
             nodes: node_status,
             endpoints: self.local.reader().peek().len(),
@@ -563,12 +568,17 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         error: None,
     });
     let (routes_w, routes_r) = state::channel(RoutesView::default());
+    let routes_for_strict = routes_r.clone();
     let (enc_w, enc_r) = state::channel(EncryptionView::default());
     let (ids_w, ids_r) = state::channel(Identities::new());
     let (policy_w, policy_r) = state::channel(PolicyView::default());
     let (datapath_w, datapath_r) = state::channel(ComponentStatus {
         state: Health::Disabled,
         message: "starting".into(),
+    });
+    let (strict_w, strict_r) = state::channel(ComponentStatus {
+        state: Health::Disabled,
+        message: "Disabled".into(),
     });
     let (idsrc_w, idsrc_r) = state::channel(IdentitySource::default());
     let (cluster_w, cluster_r) = state::channel(enforce::ClusterEndpoints::default());
@@ -585,6 +595,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         identities: ids_r.clone(),
         policy: policy_r.clone(),
         datapath: datapath_r,
+        strict: strict_r,
         monitor: tokio::sync::broadcast::channel(1024).0,
     });
 
@@ -627,6 +638,33 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         "policy compiler",
         policy::recompile_loop(sources, idsrc_r, local_r.clone(), policy_w),
     );
+    let strict = strict::Settings {
+        enabled: cfg.enable_encryption_strict_mode,
+        cidrs: cfg.strict_mode_cidrs()?,
+        cluster_pod_range: cfg.cluster_pool_ipv4_cidr.map(ipnet::IpNet::V4),
+        own_cidrs: cfg
+            .ipv4_range
+            .iter()
+            .map(|c| ipnet::IpNet::V4(*c))
+            .collect(),
+        allow_remote_node: cfg.encryption_strict_mode_allow_remote_node_identities,
+    };
+    if attach_mode.is_some() {
+        tasks.spawn(
+            "strict mode",
+            strict::strict_loop(
+                pin_dir.clone(),
+                strict.clone(),
+                backend.clone(),
+                nodes_r.clone(),
+                local_r.clone(),
+                routes_for_strict,
+                strict_w,
+            ),
+        );
+    } else {
+        drop(strict_w);
+    }
     if let Some(mode) = attach_mode {
         tasks.spawn(
             "CiliumEndpoint watcher",
@@ -664,7 +702,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             own_r,
             enc_w,
             routes_w,
-            cfg.route_sync_interval,
+            (cfg.route_sync_interval, strict),
         ),
     );
 
@@ -812,7 +850,7 @@ async fn reconcile_encryption_and_routes(
     mut own: Reader<OwnView>,
     enc_out: Writer<EncryptionView>,
     routes_out: Writer<RoutesView>,
-    every: Duration,
+    (every, strict): (Duration, strict::Settings),
 ) -> Result<(), AgentError> {
     let mut underlay: Option<(u32, Instant)> = None;
     loop {
@@ -850,7 +888,26 @@ async fn reconcile_encryption_and_routes(
                 underlay = Some((mtu, Instant::now()));
             }
             let underlay_mtu = underlay.map_or(1500, |(m, _)| m);
-            let desired = routes::desired(&view.table, &own_name, backend.as_ref(), underlay_mtu);
+            // Strict mode's IPv4 CIDRs get a backstop too, unless the node's own address is in
+            // one (its host traffic through the default route would be cut).
+            let strict_backstops: Vec<ipnet::Ipv4Net> = if strict.enabled {
+                strict::prefixes(&strict, &view.table)
+                    .into_iter()
+                    .filter_map(|c| match c {
+                        ipnet::IpNet::V4(v4) if !v4.contains(&node_ip) => Some(v4),
+                        _ => None,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let desired = routes::desired(
+                &view.table,
+                &own_name,
+                backend.as_ref(),
+                underlay_mtu,
+                &strict_backstops,
+            );
             match routes.reconcile(&desired).await {
                 Ok((installed, failed)) => {
                     let mut errors = BTreeMap::new();

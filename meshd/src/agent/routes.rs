@@ -96,6 +96,7 @@ pub fn desired(
     own_node: &str,
     backend: &dyn EncryptionBackend,
     underlay_mtu: u32,
+    strict: &[Ipv4Net],
 ) -> RouteSet {
     let mtu = Some(backend.route_mtu(underlay_mtu)).filter(|m| *m < underlay_mtu);
     let backstop = backend.mode() != super::encryption::Mode::Disabled;
@@ -123,6 +124,18 @@ pub fn desired(
                     );
                 }
             }
+        }
+    }
+    // Strict mode's CIDRs get one too: what is not routed more specifically is refused.
+    if backstop {
+        for net in strict {
+            out.insert(
+                (*net, BACKSTOP_METRIC),
+                Route {
+                    hop: NextHop::Unreachable,
+                    mtu: None,
+                },
+            );
         }
     }
     out
@@ -404,7 +417,13 @@ mod tests {
             "addresses": [{"type": "InternalIP", "ip": "198.18.0.12"}],
             "ipam": {"podCIDRs": ["198.19.2.0/24"]}}});
         t.apply(&o);
-        let plain = desired(&t, "node-1", &Disabled as &dyn EncryptionBackend, 1500);
+        let plain = desired(
+            &t,
+            "node-1",
+            &Disabled as &dyn EncryptionBackend,
+            1500,
+            &[net("198.19.0.0/16")],
+        );
         assert_eq!(plain.len(), 1, "no backstop without encryption: {plain:?}");
         struct Tunnel;
         impl EncryptionBackend for Tunnel {
@@ -436,6 +455,9 @@ mod tests {
                     mark: None,
                 })
             }
+            fn strict_device(&self) -> Option<u32> {
+                Some(7)
+            }
             fn route_mtu(&self, u: u32) -> u32 {
                 u - 80
             }
@@ -452,7 +474,12 @@ mod tests {
                 Disabled.teardown()
             }
         }
-        let tunnel = desired(&t, "node-1", &Tunnel, 1500);
+        let tunnel = desired(&t, "node-1", &Tunnel, 1500, &[net("198.19.0.0/16")]);
+        assert_eq!(
+            tunnel[&(net("198.19.0.0/16"), BACKSTOP_METRIC)].hop,
+            NextHop::Unreachable,
+            "the strict CIDR has a backstop too"
+        );
         assert_eq!(
             tunnel[&(net("198.19.2.0/24"), 0)],
             Route {

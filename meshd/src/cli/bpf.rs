@@ -24,6 +24,50 @@ pub enum BpfCommand {
         #[command(subcommand)]
         command: BpfIpcacheCommand,
     },
+    /// The datapath's drop counters (as `cilium-dbg bpf metrics list`).
+    Metrics {
+        #[command(subcommand)]
+        command: BpfIpcacheCommand,
+    },
+}
+
+/// Cilium's drop reason texts for the reasons meshd's datapath reports.
+pub fn reason_text(reason: u8) -> &'static str {
+    match reason {
+        datapath::REASON_POLICY_DENIED => "Policy denied",
+        datapath::REASON_AUTH_REQUIRED => "Authentication required",
+        datapath::REASON_UNENCRYPTED => "Traffic is unencrypted",
+        _ => "unknown",
+    }
+}
+
+fn bpf_metrics(bpf_root: &Path, output: Output) -> Result<()> {
+    let counts = datapath::read_drop_counts(&bpf_root.join("meshd"))?;
+    let rows: Vec<serde_json::Value> = counts
+        .iter()
+        .map(|c| serde_json::json!({
+            "reason": c.reason, "description": reason_text(c.reason),
+            "direction": if c.egress { "EGRESS" } else { "INGRESS" }, "packets": c.count, "bytes": c.bytes,
+        }))
+        .collect();
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!(
+            "{:<28} {:<10} {:<10} BYTES",
+            "REASON", "DIRECTION", "PACKETS"
+        );
+        for r in rows {
+            println!(
+                "{:<28} {:<10} {:<10} {}",
+                r["description"].as_str().unwrap_or(""),
+                r["direction"].as_str().unwrap_or(""),
+                r["packets"].to_string(),
+                r["bytes"]
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -149,6 +193,9 @@ pub fn bpf(cmd: BpfCommand) -> Result<()> {
         BpfCommand::Ipcache {
             command: BpfIpcacheCommand::List { bpf_root, output },
         } => return bpf_ipcache(&bpf_root, output),
+        BpfCommand::Metrics {
+            command: BpfIpcacheCommand::List { bpf_root, output },
+        } => return bpf_metrics(&bpf_root, output),
     };
     match command {
         AuthCommand::List { bpf_root, output } => {

@@ -54,6 +54,18 @@ pub(crate) mod testing {
             node_addresses: vec!["198.18.0.11".parse().unwrap()],
             pod_cidrs: vec!["198.19.1.0/24".into()],
             encryption: "Disabled".into(),
+            encryption_health: ComponentStatus {
+                state: Health::Disabled,
+                message: "Disabled".into(),
+            },
+            strict_mode: ComponentStatus {
+                state: Health::Disabled,
+                message: "Disabled".into(),
+            },
+            datapath: ComponentStatus {
+                state: Health::Ok,
+                message: "tcx".into(),
+            },
             wireguard: None,
             nodes: vec![NodeStatus {
                 name: "node-2".into(),

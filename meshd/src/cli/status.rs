@@ -6,6 +6,8 @@ use anyhow::Result;
 
 use super::{age, health};
 use crate::Output;
+#[cfg(test)]
+use meshd_api::ComponentStatus;
 use meshd_api::{Health, Status};
 use std::fmt::Write as _;
 
@@ -30,6 +32,33 @@ pub fn render_status(s: &Status) -> String {
         }
     );
     let _ = writeln!(out, "Encryption:\t{}", s.encryption);
+    if s.encryption_health.state == Health::Failure {
+        let _ = writeln!(
+            out,
+            "  \t{}\t{}",
+            health(&s.encryption_health.state),
+            s.encryption_health.message
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Strict mode:\t{}",
+        if s.strict_mode.state == Health::Disabled {
+            s.strict_mode.message.clone()
+        } else {
+            format!(
+                "{}   {}",
+                health(&s.strict_mode.state),
+                s.strict_mode.message
+            )
+        }
+    );
+    let _ = writeln!(
+        out,
+        "Datapath:\t{}   {}",
+        health(&s.datapath.state),
+        s.datapath.message
+    );
     let ok = s
         .nodes
         .iter()
@@ -47,6 +76,10 @@ pub fn render_status(s: &Status) -> String {
     }
     let _ = writeln!(out, "Endpoints:\t{}", s.endpoints);
     let _ = writeln!(out, "Uptime:\t{}", age(s.uptime_seconds));
+    let failures = s.failures();
+    if !failures.is_empty() {
+        let _ = writeln!(out, "Unhealthy:\t{}", failures.join("; "));
+    }
     out
 }
 
@@ -56,11 +89,31 @@ pub async fn status(socket: &Path, output: Output) -> Result<()> {
         Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
         Output::Table => print!("{}", render_status(&s)),
     }
+    let failures = s.failures();
+    if !failures.is_empty() {
+        // As `cilium status` does for a failing component: the node is not healthy.
+        anyhow::bail!("the node is unhealthy: {}", failures.join("; "));
+    }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_down_device_makes_the_node_unhealthy() {
+        let mut s = sample();
+        s.encryption_health = ComponentStatus {
+            state: Health::Failure,
+            message: "cilium_wg0 is down".into(),
+        };
+        let out = render_status(&s);
+        assert!(
+            out.contains("Unhealthy:\tEncryption: cilium_wg0 is down"),
+            "{out}"
+        );
+        assert_eq!(s.failures().len(), 1);
+    }
+
     use super::*;
     use crate::cli::encrypt::render_encrypt_status;
     use crate::cli::testing::sample;
@@ -71,6 +124,8 @@ mod tests {
         let out = render_status(&s);
         assert!(out.lines().any(|l| l == "Encryption:\tDisabled"), "{out}");
         assert!(out.contains("Nodes:\t1 remote, routes Ok for 1"), "{out}");
+        assert!(out.contains("Strict mode:\tDisabled"), "{out}");
+        assert!(!out.contains("Unhealthy"), "{out}");
         assert_eq!(
             render_encrypt_status(&s),
             "Encryption: Disabled                  \n"

@@ -34,6 +34,10 @@ impl EncryptionBackend for Disabled {
         super::gateway(node)
     }
 
+    fn strict_device(&self) -> Option<u32> {
+        None
+    }
+
     fn route_mtu(&self, underlay_mtu: u32) -> u32 {
         underlay_mtu
     }
@@ -43,6 +47,10 @@ impl EncryptionBackend for Disabled {
             EncryptionReport {
                 mode: Mode::Disabled,
                 line: "Disabled".into(),
+                health: meshd_api::ComponentStatus {
+                    state: meshd_api::Health::Disabled,
+                    message: "Disabled".into(),
+                },
                 wireguard: None,
             }
         })

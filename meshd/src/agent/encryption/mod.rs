@@ -66,6 +66,8 @@ pub struct EncryptionReport {
     pub mode: Mode,
     /// The `Encryption:` line of `cilium status`, after its tab.
     pub line: String,
+    /// Whether encryption works right now, read from the device.
+    pub health: meshd_api::ComponentStatus,
     pub wireguard: Option<meshd_api::WireguardStatus>,
 }
 
@@ -93,6 +95,10 @@ pub trait EncryptionBackend: Send + Sync {
 
     /// How to reach `node`, or `None` when it cannot be reached at all (no IPv4 InternalIP).
     fn reach(&self, node: &Node) -> Option<Reach>;
+
+    /// The interface whose traffic is encrypted (strict mode lets pod traffic to the strict
+    /// CIDRs go only there), if the backend has one now.
+    fn strict_device(&self) -> Option<u32>;
 
     /// The MTU of pod traffic to other nodes, for an underlay of `underlay_mtu`.
     fn route_mtu(&self, underlay_mtu: u32) -> u32;

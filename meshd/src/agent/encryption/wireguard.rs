@@ -537,18 +537,47 @@ impl EncryptionBackend for WireGuard {
         })
     }
 
+    fn strict_device(&self) -> Option<u32> {
+        Some(self.ifindex()).filter(|i| *i != 0)
+    }
+
     fn route_mtu(&self, underlay_mtu: u32) -> u32 {
         route_mtu(underlay_mtu)
     }
 
     fn report(&self) -> BoxFuture<'_, EncryptionReport> {
         Box::pin(async move {
-            // Handshake ages and counters as of now.
-            if let Ok(device) = self.device.get().await {
-                self.last().device = device;
+            // Handshake ages, counters and peers as the device has them now; a device that does
+            // not answer has no peers up, whatever the last pass saw.
+            let live = self.device.get().await;
+            let mut view = self.last().clone();
+            let health = match &live {
+                Ok(device) => {
+                    view.device = device.clone();
+                    self.last().device = device.clone();
+                    meshd_api::ComponentStatus {
+                        state: meshd_api::Health::Ok,
+                        message: format!("{} up", wg::INTERFACE),
+                    }
+                }
+                Err(e) => {
+                    view.device = DeviceInfo::default();
+                    meshd_api::ComponentStatus {
+                        state: meshd_api::Health::Failure,
+                        message: format!(
+                            "{} is down ({e}); the agent brings it back within a second, \
+                             traffic to other nodes is refused meanwhile",
+                            wg::INTERFACE
+                        ),
+                    }
+                }
+            };
+            let mut status = view.status(self);
+            if live.is_err() {
+                for p in status.peers.iter_mut().filter(|p| p.public_key.is_some()) {
+                    p.state = "down: the device is gone".into();
+                }
             }
-            let view = self.last().clone();
-            let status = view.status(self);
             EncryptionReport {
                 mode: Mode::Wireguard,
                 // Cilium's `Encryption:` line, after its tab.
@@ -564,6 +593,7 @@ impl EncryptionBackend for WireGuard {
                     status.listen_port,
                     view.peers.peers.len(),
                 ),
+                health,
                 wireguard: Some(status),
             }
         })
