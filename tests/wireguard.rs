@@ -23,6 +23,39 @@ fn wireguard_encrypts_survives_restarts_and_refuses_bad_keys() {
     let cap = lab_ok(&["capture", "--name", &lab.0]);
     assert!(cap.contains("pod addresses in the clear:      0"), "{cap}");
 
+    // A UAPI client that connects and sends nothing does not hold `wg show` up; one that sends
+    // an endless line is cut off.
+    if backend == "userspace" {
+        let script = r#"
+import socket, subprocess, time
+path = "/var/run/wireguard/cilium_wg0.sock"
+silent = socket.socket(socket.AF_UNIX); silent.connect(path)
+t = time.time(); subprocess.run(["wg", "show", "cilium_wg0"], check=True, capture_output=True)
+print("wg show took %.2f s" % (time.time() - t))
+flood = socket.socket(socket.AF_UNIX); flood.connect(path); flood.settimeout(10)
+try:
+    flood.sendall(b"set=1\n" + b"x" * 100000)
+    print("answer:", flood.recv(64))
+except OSError as e:
+    print("closed:", e)
+"#;
+        let out = sh_in(&lab, "node-1", &format!("python3 -c '{script}'"));
+        let took: f64 = out
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("wg show took ")?
+                    .strip_suffix(" s")?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("{out}"));
+        assert!(took < 2.0, "wg show waited behind a silent client: {out}");
+        assert!(
+            out.contains("answer: b'errno=22") || out.contains("closed:"),
+            "an endless line was not refused: {out}"
+        );
+    }
+
     // `wg show` in each node agrees with the other nodes' CiliumNode annotations.
     let keys: Vec<(String, String)> = ["node-1", "node-2", "node-3"]
         .iter()
@@ -298,6 +331,53 @@ fn wireguard_interop_with_wireguard_go() {
     );
     let cap = lab_ok(&["capture", "--name", &lab.0]);
     assert!(cap.contains("pod addresses in the clear:      0"), "{cap}");
+
+    // Preshared keys, set with `wg` on both ends (meshd's device on node-1, wireguard-go on
+    // node-3): honoured, never accepted and ignored. The same key: traffic flows.
+    let psk = sh_in(&lab, "node-3", "wg genpsk");
+    let other_psk = sh_in(&lab, "node-3", "wg genpsk");
+    let key1 = annotation(&lab, "node-1");
+    let set_psk = |node: &str, peer: &str, psk: &str| {
+        sh_in(
+            &lab,
+            node,
+            &format!(
+                "umask 077 && echo {psk} > /var/lib/meshd/psk && wg set cilium_wg0 peer {peer} preshared-key /var/lib/meshd/psk && rm /var/lib/meshd/psk"
+            ),
+        );
+    };
+    set_psk("node-1", &public, &psk);
+    set_psk("node-3", &key1, &psk);
+    wait_for(
+        "pod-1a to reach pod-3a with a preshared key",
+        Duration::from_secs(20),
+        || pings(&lab, "pod-1a", "198.19.3.10", 1),
+    );
+    // `wg` reads it back from meshd's device (it asks for secrets; the agent's polls do not).
+    let shown = sh_in(&lab, "node-1", "wg show cilium_wg0 preshared-keys");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l == format!("{}\t{}", public.trim(), psk.trim())),
+        "{shown}"
+    );
+    // Mismatched keys: the handshake cannot complete, and no traffic passes.
+    set_psk("node-1", &public, &other_psk);
+    std::thread::sleep(Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        assert!(
+            !pings(&lab, "pod-1a", "198.19.3.10", 1),
+            "traffic passed with mismatched preshared keys"
+        );
+    }
+    // The same key again on both ends: back.
+    set_psk("node-3", &key1, &other_psk);
+    wait_for(
+        "pod-1a to reach pod-3a with the new preshared key",
+        Duration::from_secs(20),
+        || pings(&lab, "pod-1a", "198.19.3.10", 1),
+    );
 }
 
 /// Bulk TCP through the tunnel arrives byte for byte, both ways: the userspace device cuts

@@ -173,6 +173,9 @@ impl KernelDevice {
                 if let Some(k) = p.persistent_keepalive {
                     a.push(WireguardPeerAttribute::PersistentKeepalive(k));
                 }
+                if let Some(k) = &p.preshared_key {
+                    a.push(WireguardPeerAttribute::PresharedKey(*k.0));
+                }
                 if !p.allowed_ips.is_empty() {
                     a.push(WireguardPeerAttribute::AllowedIps(
                         p.allowed_ips.iter().map(allowed_ip).collect(),
@@ -262,5 +265,6 @@ fn merge_peer(info: &mut DeviceInfo, p: WireguardPeer) {
         rx_bytes: rx,
         tx_bytes: tx,
         persistent_keepalive: ka,
+        preshared_key: None,
     });
 }

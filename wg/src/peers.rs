@@ -110,8 +110,68 @@ pub fn desired(
 
 /// The updates that make `current` equal `desired`, leaving right peers alone. A node whose key
 /// changed is a removal of the old key and an addition of the new one.
+///
+/// AllowedIPs change by adding and removing entries, never by replacing a live peer's list
+/// (the kernel clears the list before it rebuilds it, and packets in that gap are dropped:
+/// Cilium's GH-33159). New entries are added in place; an entry to remove is moved to a
+/// throwaway peer, which is then removed (an allowed IP belongs to one peer, so adding it to
+/// another takes it away) — what Cilium does since, and what works on every kernel and on
+/// wireguard-go. Order: additions first, then the removals, then the peers that go.
 pub fn plan(current: &DeviceInfo, desired: &PeerSet, keepalive: Option<u16>) -> Vec<PeerUpdate> {
+    let keepalive = keepalive.unwrap_or(0);
     let mut out = Vec::new();
+    let mut stale: Vec<IpNet> = Vec::new();
+    let wanted: std::collections::BTreeSet<IpNet> = desired
+        .peers
+        .values()
+        .flat_map(|p| p.allowed_ips.iter().map(IpNet::trunc))
+        .collect();
+    for (key, want) in &desired.peers {
+        let have = current.peers.iter().find(|p| p.public_key == *key);
+        let have_ips: Vec<IpNet> = have
+            .map(|h| h.allowed_ips.iter().map(IpNet::trunc).collect())
+            .unwrap_or_default();
+        let added: Vec<IpNet> = want
+            .allowed_ips
+            .iter()
+            .map(IpNet::trunc)
+            .filter(|n| !have_ips.contains(n))
+            .collect();
+        let want_ips: Vec<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
+        // Entries to drop from this peer; one that another peer wants moves there by the
+        // other peer's addition and must not be taken away again.
+        stale.extend(
+            have_ips
+                .iter()
+                .filter(|n| !want_ips.contains(n) && !wanted.contains(n)),
+        );
+        let same_rest = have.is_some_and(|h| {
+            h.endpoint == Some(want.endpoint) && h.persistent_keepalive == keepalive
+        });
+        if same_rest && added.is_empty() {
+            continue;
+        }
+        out.push(PeerUpdate {
+            public_key: Some(*key),
+            endpoint: Some(want.endpoint),
+            persistent_keepalive: Some(keepalive),
+            allowed_ips: added,
+            ..Default::default()
+        });
+    }
+    if !stale.is_empty() {
+        let throwaway = crate::key::PrivateKey::generate().public_key();
+        out.push(PeerUpdate {
+            public_key: Some(throwaway),
+            allowed_ips: stale,
+            ..Default::default()
+        });
+        out.push(PeerUpdate {
+            public_key: Some(throwaway),
+            remove: true,
+            ..Default::default()
+        });
+    }
     for p in &current.peers {
         if !desired.peers.contains_key(&p.public_key) {
             out.push(PeerUpdate {
@@ -120,28 +180,6 @@ pub fn plan(current: &DeviceInfo, desired: &PeerSet, keepalive: Option<u16>) -> 
                 ..Default::default()
             });
         }
-    }
-    for (key, want) in &desired.peers {
-        let have = current.peers.iter().find(|p| p.public_key == *key);
-        let same = have.is_some_and(|h| {
-            let mut ips = h.allowed_ips.clone();
-            ips.sort();
-            h.endpoint == Some(want.endpoint)
-                && ips == want.allowed_ips
-                && h.persistent_keepalive == keepalive.unwrap_or(0)
-        });
-        if same {
-            continue;
-        }
-        out.push(PeerUpdate {
-            public_key: Some(*key),
-            remove: false,
-            update_only: false,
-            endpoint: Some(want.endpoint),
-            persistent_keepalive: Some(keepalive.unwrap_or(0)),
-            replace_allowed_ips: true,
-            allowed_ips: want.allowed_ips.clone(),
-        });
     }
     out
 }
@@ -265,6 +303,7 @@ mod tests {
             rx_bytes: 0,
             tx_bytes: 0,
             persistent_keepalive: 0,
+            preshared_key: None,
         };
         let current = DeviceInfo {
             peers: vec![
@@ -297,14 +336,115 @@ mod tests {
         );
         assert_eq!(updates.len(), 2, "{updates:?}");
         assert!(updates.iter().any(|u| u.public_key == Some(b) && u.remove));
-        assert!(
-            updates
-                .iter()
-                .any(|u| u.public_key == Some(b2) && !u.remove && u.replace_allowed_ips)
-        );
+        assert!(updates.iter().any(|u| u.public_key == Some(b2)
+            && !u.remove
+            && !u.replace_allowed_ips
+            && u.allowed_ips == vec!["198.19.3.0/24".parse::<IpNet>().unwrap()]));
         assert!(
             !updates.iter().any(|u| u.public_key == Some(a)),
             "node-2's peer must be left alone"
+        );
+    }
+
+    #[test]
+    fn allowed_ips_change_by_adding_and_moving_away_never_by_replacing() {
+        let own = PrivateKey::generate().public_key();
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let ip = |s: &str| s.parse::<IpNet>().unwrap();
+        let peer = |k, e: &str, ips: &[&str]| PeerInfo {
+            public_key: k,
+            endpoint: Some(format!("{e}:51871").parse().unwrap()),
+            allowed_ips: ips.iter().map(|s| ip(s)).collect(),
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            persistent_keepalive: 0,
+            preshared_key: None,
+        };
+        // node-2 drops 198.19.2.0/24 for 198.19.4.0/24; node-3's 198.19.5.0/24 moves to node-2.
+        let current = DeviceInfo {
+            peers: vec![
+                peer(a, "198.18.0.12", &["198.19.2.0/24", "198.19.9.0/24"]),
+                peer(b, "198.18.0.13", &["198.19.3.0/24", "198.19.5.0/24"]),
+            ],
+            ..Default::default()
+        };
+        let mut c2 = claim(
+            "node-2",
+            "1",
+            Some(a.to_base64()),
+            "198.18.0.12",
+            "198.19.4.0/24",
+        );
+        c2.allowed_ips
+            .extend([ip("198.19.9.0/24"), ip("198.19.5.0/24")]);
+        let c3 = claim(
+            "node-3",
+            "2",
+            Some(b.to_base64()),
+            "198.18.0.13",
+            "198.19.3.0/24",
+        );
+        let updates = plan(
+            &current,
+            &desired(&own, &[c2, c3], 51871, &PeerSet::default()),
+            None,
+        );
+        assert!(
+            updates.iter().all(|u| !u.replace_allowed_ips),
+            "{updates:?}"
+        );
+        let to_a = updates.iter().find(|u| u.public_key == Some(a)).unwrap();
+        let mut added = to_a.allowed_ips.clone();
+        added.sort();
+        assert_eq!(added, vec![ip("198.19.4.0/24"), ip("198.19.5.0/24")]);
+        assert!(
+            !updates.iter().any(|u| u.public_key == Some(b)),
+            "node-3 loses .5 by node-2's add"
+        );
+        // The stale entry goes to a throwaway peer, which is removed right after.
+        let n = updates.len();
+        assert_eq!(updates[n - 2].allowed_ips, vec![ip("198.19.2.0/24")]);
+        assert_eq!(updates[n - 2].public_key, updates[n - 1].public_key);
+        assert!(updates[n - 1].remove);
+        // Nothing to change: nothing sent.
+        let done = DeviceInfo {
+            peers: vec![
+                peer(
+                    a,
+                    "198.18.0.12",
+                    &["198.19.4.0/24", "198.19.5.0/24", "198.19.9.0/24"],
+                ),
+                peer(b, "198.18.0.13", &["198.19.3.0/24"]),
+            ],
+            ..Default::default()
+        };
+        let mut c2 = claim(
+            "node-2",
+            "1",
+            Some(a.to_base64()),
+            "198.18.0.12",
+            "198.19.4.0/24",
+        );
+        c2.allowed_ips
+            .extend([ip("198.19.9.0/24"), ip("198.19.5.0/24")]);
+        let c3 = claim(
+            "node-3",
+            "2",
+            Some(b.to_base64()),
+            "198.18.0.13",
+            "198.19.3.0/24",
+        );
+        assert!(
+            plan(
+                &done,
+                &desired(&own, &[c2, c3], 51871, &PeerSet::default()),
+                None
+            )
+            .is_empty()
         );
     }
 }

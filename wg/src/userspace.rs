@@ -7,16 +7,17 @@
 //! behind its own mutex, so the two directions run on separate cores.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use ipnet::IpNet;
 use tracing::{debug, error, info, warn};
@@ -27,10 +28,17 @@ use crate::offload::{
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VNET_HDR_LEN, VnetHdr, complete_checksum,
     segment_tcp,
 };
-use crate::uapi::{self, DeviceInfo, DeviceUpdate, PeerInfo, Request};
+use crate::uapi::{self, DeviceInfo, DeviceUpdate, PeerInfo, PresharedKey, Request};
 use std::os::fd::AsRawFd as _;
 
 const MAX_PACKET: usize = 65_535;
+/// Handshake messages per second the device answers with Diffie-Hellman work before it asks
+/// senders for a cookie (mac2) first, as boringtun's device and the WireGuard paper do.
+const HANDSHAKES_PER_SECOND: u64 = 100;
+/// UAPI clients served at once, and how long one may take (a client that connects and sends
+/// nothing cannot hold `wg show` up).
+const UAPI_CLIENTS: usize = 16;
+const UAPI_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -57,6 +65,8 @@ struct Peer {
     endpoint: RwLock<Option<SocketAddr>>,
     allowed_ips: RwLock<Vec<IpNet>>,
     keepalive: u16,
+    /// All zero: none.
+    preshared: PresharedKey,
 }
 
 impl Peer {
@@ -75,6 +85,8 @@ struct State {
     fwmark: u32,
     peers: HashMap<PublicKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
+    /// Which peer holds each allowed IP (an allowed IP belongs to one peer).
+    owners: HashMap<IpNet, PublicKey>,
     next_index: u32,
 }
 
@@ -100,6 +112,10 @@ impl State {
 
 pub struct Device {
     name: String,
+    /// mac1/cookie checks for every handshake message, shared by every peer's `Tunn`; made
+    /// with the private key (mac1 is keyed by the public key).
+    limiter: RwLock<Option<Arc<RateLimiter>>>,
+    uapi_clients: AtomicUsize,
     listen_port: u16,
     state: RwLock<State>,
     udp: UdpSocket,
@@ -122,7 +138,7 @@ impl Device {
         self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn info(&self) -> DeviceInfo {
+    fn info(&self, secrets: bool) -> DeviceInfo {
         let st = self.state();
         let now = SystemTime::now();
         DeviceInfo {
@@ -147,6 +163,8 @@ impl Device {
                         rx_bytes: rx as u64,
                         tx_bytes: tx as u64,
                         persistent_keepalive: p.keepalive,
+                        preshared_key: (secrets && !p.preshared.is_none())
+                            .then(|| p.preshared.clone()),
                     }
                 })
                 .collect(),
@@ -174,71 +192,154 @@ impl Device {
             }
             st.fwmark = mark;
         }
-        if let Some(hex) = &u.private_key {
+        // The same key again changes nothing (as in the kernel): sessions stay up.
+        if let Some(hex) = u.private_key.as_ref().filter(|hex| {
+            PrivateKey::from_hex(hex).map(|k| k.public_key())
+                != st.private.as_ref().map(PrivateKey::public_key)
+        }) {
             let key = PrivateKey::from_hex(hex).ok_or(libc::EINVAL)?;
             let public = x25519_dalek::PublicKey::from(key.secret());
+            let limiter = Arc::new(RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
             for p in st.peers.values() {
                 p.tunn
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .set_static_private(key.secret().clone(), public, None);
+                    .set_static_private(key.secret().clone(), public, Some(limiter.clone()));
             }
+            *self.limiter.write().unwrap_or_else(|e| e.into_inner()) = Some(limiter);
             st.private = Some(key);
         }
         if u.replace_peers {
             st.peers.clear();
             st.by_index.clear();
+            st.owners.clear();
         }
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for pu in u.peers {
             let Some(pk) = pu.public_key else { continue };
             if pu.remove {
                 if let Some(p) = st.peers.remove(&pk) {
                     st.by_index.remove(&p.index);
+                    for n in p
+                        .allowed_ips
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                    {
+                        st.owners.remove(n);
+                    }
                 }
                 continue;
             }
             let existing = st.peers.get(&pk).cloned();
+            if existing.is_none() && pu.update_only {
+                continue;
+            }
+            // A new peer, or one whose preshared key changes: a fresh noise state (a new
+            // handshake follows); otherwise the peer is updated in place.
+            let psk_changes = pu
+                .preshared_key
+                .as_ref()
+                .is_some_and(|k| existing.as_ref().is_none_or(|p| p.preshared != *k));
             let peer = match existing {
-                Some(p) => p,
-                None if pu.update_only => continue,
-                None => {
-                    st.next_index = (st.next_index + 1) & 0x00ff_ffff;
-                    let index = st.next_index;
-                    let Some(private) = st.private.as_ref() else {
+                Some(p) if !psk_changes => p,
+                old => {
+                    let Some(private) = st.private.as_ref().map(|k| k.secret().clone()) else {
                         warn!("a peer was added before the private key; set private_key first");
                         return Err(libc::EINVAL);
                     };
+                    let preshared = pu
+                        .preshared_key
+                        .clone()
+                        .or_else(|| old.as_ref().map(|p| p.preshared.clone()))
+                        .unwrap_or_else(|| PresharedKey(zeroize::Zeroizing::new([0; 32])));
+                    let index = match &old {
+                        Some(p) => p.index,
+                        None => {
+                            st.next_index = (st.next_index + 1) & 0x00ff_ffff;
+                            st.next_index
+                        }
+                    };
+                    let keepalive = pu
+                        .persistent_keepalive
+                        .or(old.as_ref().map(|p| p.keepalive))
+                        .unwrap_or(0);
                     let tunn = Tunn::new(
-                        private.secret().clone(),
+                        private,
                         x25519_dalek::PublicKey::from(pk.0),
-                        None,
-                        pu.persistent_keepalive.filter(|k| *k > 0),
+                        (!preshared.is_none()).then(|| *preshared.0),
+                        Some(keepalive).filter(|k| *k > 0),
                         index,
-                        None,
+                        limiter.clone(),
                     );
-                    let p = Arc::new(Peer {
-                        public_key: pk,
-                        index,
-                        tunn: Mutex::new(tunn),
-                        endpoint: RwLock::new(None),
-                        allowed_ips: RwLock::new(Vec::new()),
-                        keepalive: pu.persistent_keepalive.unwrap_or(0),
-                    });
+                    let p =
+                        Arc::new(Peer {
+                            public_key: pk,
+                            index,
+                            tunn: Mutex::new(tunn),
+                            endpoint: RwLock::new(old.as_ref().and_then(|p| {
+                                *p.endpoint.read().unwrap_or_else(|e| e.into_inner())
+                            })),
+                            allowed_ips: RwLock::new(
+                                old.as_ref()
+                                    .map(|p| {
+                                        p.allowed_ips
+                                            .read()
+                                            .unwrap_or_else(|e| e.into_inner())
+                                            .clone()
+                                    })
+                                    .unwrap_or_default(),
+                            ),
+                            keepalive,
+                            preshared,
+                        });
                     st.peers.insert(pk, p.clone());
                     st.by_index.insert(index, p.clone());
-                    info!(peer = %pk, "peer added");
+                    if old.is_some() {
+                        info!(peer = %pk, "peer's preshared key changed");
+                    } else {
+                        info!(peer = %pk, "peer added");
+                    }
                     p
                 }
             };
             if let Some(e) = pu.endpoint {
                 *peer.endpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(e);
             }
-            let mut allowed = peer.allowed_ips.write().unwrap_or_else(|e| e.into_inner());
+            let added: Vec<IpNet> = pu.allowed_ips.iter().map(IpNet::trunc).collect();
             if pu.replace_allowed_ips {
-                allowed.clear();
+                let old: Vec<IpNet> = peer
+                    .allowed_ips
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for n in old {
+                    st.owners.remove(&n);
+                }
+                peer.allowed_ips
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
             }
-            for a in pu.allowed_ips {
-                let a = a.trunc();
+            // An allowed IP belongs to one peer: adding it here takes it from the peer that had
+            // it (as the kernel does; meshd removes an allowed IP by moving it to a throwaway
+            // peer and removing that, never by replacing a live peer's list).
+            for a in added {
+                if let Some(prev) = st.owners.insert(a, pk)
+                    && prev != pk
+                    && let Some(other) = st.peers.get(&prev)
+                {
+                    other
+                        .allowed_ips
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|n| *n != a);
+                }
+                let mut allowed = peer.allowed_ips.write().unwrap_or_else(|e| e.into_inner());
                 if !allowed.contains(&a) {
                     allowed.push(a);
                 }
@@ -476,22 +577,39 @@ impl Device {
         out: &mut [u8],
         hdr: usize,
     ) -> Option<usize> {
-        let packet = Tunn::parse_incoming_packet(datagram).ok()?;
-        let peer = {
-            let st = self.state();
-            match packet {
-                Packet::HandshakeInit(p) => {
-                    let private = st.private.as_ref()?;
-                    let public = x25519_dalek::PublicKey::from(private.secret());
-                    match parse_handshake_anon(private.secret(), &public, &p) {
-                        Ok(half) => st.peers.get(&PublicKey(half.peer_static_public)).cloned(),
-                        Err(_) => None,
-                    }
-                }
-                Packet::HandshakeResponse(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-                Packet::PacketCookieReply(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
-                Packet::PacketData(p) => st.by_index.get(&(p.receiver_idx >> 8)).cloned(),
+        // mac1 first (and, under load, a cookie) for every handshake message, before any
+        // Diffie-Hellman: a flood of initiations costs a keyed hash each, not a curve operation.
+        let limiter = self
+            .limiter
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let packet = match limiter.verify_packet(Some(src.ip()), datagram, &mut out[hdr..]) {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.send(cookie, src);
+                return None;
             }
+            Err(_) => return None,
+        };
+        let peer = match packet {
+            Packet::HandshakeInit(p) => {
+                // The initiator's identity costs a DH: done without holding the device lock.
+                let private = self.state().private.as_ref()?.secret().clone();
+                let public = x25519_dalek::PublicKey::from(&private);
+                let half = parse_handshake_anon(&private, &public, &p).ok()?;
+                self.state()
+                    .peers
+                    .get(&PublicKey(half.peer_static_public))
+                    .cloned()
+            }
+            Packet::HandshakeResponse(p) => {
+                self.state().by_index.get(&(p.receiver_idx >> 8)).cloned()
+            }
+            Packet::PacketCookieReply(p) => {
+                self.state().by_index.get(&(p.receiver_idx >> 8)).cloned()
+            }
+            Packet::PacketData(p) => self.state().by_index.get(&(p.receiver_idx >> 8)).cloned(),
         }?;
         let mut tunn = peer.tunn.lock().unwrap_or_else(|e| e.into_inner());
         let rest = &mut out[hdr..];
@@ -526,6 +644,15 @@ impl Device {
         let mut out = vec![0u8; MAX_PACKET];
         while !self.stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(100));
+            // (Resets at most once a second by itself.)
+            if let Some(l) = self
+                .limiter
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                l.reset_count();
+            }
             let peers: Vec<Arc<Peer>> = self.state().peers.values().cloned().collect();
             for p in peers {
                 let Some(endpoint) = *p.endpoint.read().unwrap_or_else(|e| e.into_inner()) else {
@@ -539,45 +666,89 @@ impl Device {
         }
     }
 
-    fn uapi_loop(&self, listener: UnixListener) {
+    /// Serves UAPI clients, each on its own thread (at most [`UAPI_CLIENTS`] at once), with a
+    /// timeout per read and write and bounded lines, so one slow or silent client never holds
+    /// up another.
+    fn uapi_loop(self: &Arc<Self>, listener: UnixListener) {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let Ok(read_half) = conn.try_clone() else {
+            let Ok(conn) = conn else { continue };
+            if self.uapi_clients.fetch_add(1, Ordering::SeqCst) >= UAPI_CLIENTS {
+                self.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+                warn!(
+                    limit = UAPI_CLIENTS,
+                    "too many UAPI clients at once; refusing one"
+                );
                 continue;
-            };
-            let mut reader = BufReader::new(read_half);
-            loop {
-                let answer = match uapi::read_request(&mut reader) {
-                    Ok(None) => break,
-                    Ok(Some(Request::Get)) => {
-                        let st_key = self
-                            .state()
-                            .private
-                            .as_ref()
-                            .map(|k| PrivateKey::from_bytes(k.secret().to_bytes()));
-                        self.info().to_text(st_key.as_ref())
-                    }
-                    Ok(Some(Request::Set(lines))) => {
-                        let errno = match DeviceUpdate::parse(&lines) {
-                            Ok(u) => match self.apply(u) {
-                                Ok(()) => 0,
-                                Err(e) => e,
-                            },
-                            Err(e) => {
-                                warn!(error = %e, "refused a UAPI request");
-                                libc::EINVAL
-                            }
-                        };
-                        zeroize::Zeroizing::new(format!("errno={errno}\n\n"))
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "refused a UAPI request");
-                        zeroize::Zeroizing::new(format!("errno={}\n\n", libc::EINVAL))
-                    }
-                };
-                if conn.write_all(answer.as_bytes()).is_err() {
+            }
+            let d = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("wg-uapi".into())
+                .spawn(move || {
+                    d.serve_uapi_client(conn);
+                    d.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+                });
+            if spawned.is_err() {
+                self.uapi_clients.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn serve_uapi_client(&self, mut conn: std::os::unix::net::UnixStream) {
+        let timeouts = conn
+            .set_read_timeout(Some(UAPI_TIMEOUT))
+            .and_then(|()| conn.set_write_timeout(Some(UAPI_TIMEOUT)));
+        let Ok(read_half) = timeouts.and_then(|()| conn.try_clone()) else {
+            return;
+        };
+        let mut reader = uapi::LineReader::new(read_half);
+        loop {
+            let answer = match uapi::read_request(&mut reader) {
+                Ok(None) => break,
+                Ok(Some(Request::Get { secrets })) => {
+                    let key = secrets
+                        .then(|| {
+                            self.state()
+                                .private
+                                .as_ref()
+                                .map(|k| PrivateKey::from_bytes(k.secret().to_bytes()))
+                        })
+                        .flatten();
+                    self.info(secrets).to_text(key.as_ref())
+                }
+                Ok(Some(Request::Set(lines))) => {
+                    let errno = match DeviceUpdate::parse(&lines) {
+                        Ok(u) => match self.apply(u) {
+                            Ok(()) => 0,
+                            Err(e) => e,
+                        },
+                        Err(e) => {
+                            warn!(error = %e, "refused a UAPI request");
+                            libc::EINVAL
+                        }
+                    };
+                    zeroize::Zeroizing::new(format!("errno={errno}\n\n"))
+                }
+                Err(uapi::UapiError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    debug!("a UAPI client sent nothing for {UAPI_TIMEOUT:?}; closing it");
                     break;
                 }
+                Err(e @ uapi::UapiError::TooLong { .. }) => {
+                    warn!(error = %e, "refused a UAPI request");
+                    let _ = conn.write_all(format!("errno={}\n\n", libc::EINVAL).as_bytes());
+                    break;
+                }
+                Err(e) => {
+                    warn!(error = %e, "refused a UAPI request");
+                    zeroize::Zeroizing::new(format!("errno={}\n\n", libc::EINVAL))
+                }
+            };
+            if conn.write_all(answer.as_bytes()).is_err() {
+                break;
             }
         }
     }
@@ -625,6 +796,8 @@ pub fn run(opts: Options) -> Result<(), DeviceError> {
         .map_err(uapi_err)?;
     let dev = Arc::new(Device {
         name: opts.interface.clone(),
+        limiter: RwLock::new(None),
+        uapi_clients: AtomicUsize::new(0),
         listen_port: opts.listen_port,
         state: RwLock::new(State::default()),
         udp,
@@ -639,6 +812,14 @@ pub fn run(opts: Options) -> Result<(), DeviceError> {
     signals.add(nix::sys::signal::Signal::SIGTERM);
     signals.add(nix::sys::signal::Signal::SIGINT);
     let _ = signals.thread_block();
+    // A worker that panics takes the whole device down (its TUN interface goes with the
+    // process), for the agent to start a new one: never a device left half-working.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        error!(%info, "a userspace WireGuard thread panicked; stopping the device");
+        default_hook(info);
+        std::process::exit(70);
+    }));
     let spawn = |name: &str, f: fn(&Device)| {
         let d = dev.clone();
         std::thread::Builder::new()
