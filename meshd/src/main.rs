@@ -1,14 +1,11 @@
 //! `meshd`: the node agent and its CLI. The lab is a binary of its own (`meshd-lab`) that this
 //! one never links.
 
-mod agent;
-mod cli;
-mod config;
-
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use meshd::{Output, agent, cli, config};
 
 #[derive(Parser)]
 #[command(
@@ -19,12 +16,6 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Output {
-    Table,
-    Json,
 }
 
 #[derive(Subcommand)]

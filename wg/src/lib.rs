@@ -1,6 +1,7 @@
 //! WireGuard for meshd: keys, the UAPI protocol, the userspace device (boringtun's noise core
 //! with our own I/O), and the peer set the agent derives from CiliumNodes.
 
+pub mod fuzzing;
 pub mod kernel;
 pub mod key;
 pub mod offload;

@@ -398,6 +398,11 @@ impl DeviceInfo {
         s
     }
 
+    /// Parses the lines of an answer to `get=1`.
+    pub fn parse_lines(lines: &[String]) -> Result<Self, UapiError> {
+        Self::parse(lines)
+    }
+
     fn parse(lines: &[String]) -> Result<Self, UapiError> {
         let mut d = DeviceInfo::default();
         for line in lines {

@@ -7,6 +7,7 @@ use anyhow::{Context as _, Result, bail};
 
 mod bench_datapath;
 mod bench_wg;
+mod fuzz;
 mod vm;
 
 /// Debian packages the lab and the tests use.
@@ -353,7 +354,7 @@ fn bench(args: &[String]) -> Result<()> {
     let what = args.first().map(String::as_str);
     if !matches!(what, Some("wg" | "datapath")) {
         bail!(
-            "usage: cargo xtask bench wg [--seconds N] | bench datapath [--seconds N] [--rounds N]"
+            "usage: cargo xtask bench wg [--seconds N] [--baseline GIT-REV] | bench datapath [--seconds N] [--rounds N]"
         );
     }
     setup()?;
@@ -367,7 +368,12 @@ fn bench(args: &[String]) -> Result<()> {
     if what == Some("datapath") {
         return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 8));
     }
-    bench_wg::run(&meshd, flag("--seconds", 10))
+    let baseline = args
+        .iter()
+        .position(|a| a == "--baseline")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    bench_wg::run(&meshd, flag("--seconds", 10), baseline)
 }
 
 fn main() -> ExitCode {
@@ -378,9 +384,10 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench") => bench(&args[1..]),
         Some("vm-test") => vm::vm_test(&args[1..]),
+        Some("fuzz") => fuzz::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath [--seconds N]>"
+                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath [--seconds N] | fuzz [--seconds N] [target…]>"
             );
             return ExitCode::from(2);
         }

@@ -19,7 +19,7 @@ use super::state::{Reader, Watched, Writer, any_change};
 use super::watch::{Event, Watcher};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[expect(
+#[allow(
     clippy::enum_variant_names,
     reason = "these are the Kubernetes kinds' own names"
 )]

@@ -34,7 +34,7 @@ impl std::fmt::Display for NodeState {
 pub enum Mode {
     Disabled,
     Wireguard,
-    #[expect(dead_code, reason = "the XFRM IPsec backend lands in its own issue")]
+    /// (No backend yet: the XFRM IPsec backend lands in its own issue.)
     Ipsec,
 }
 
