@@ -126,8 +126,10 @@ pub fn plan(current: &DeviceInfo, desired: &PeerSet, keepalive: Option<u16>) -> 
         .values()
         .flat_map(|p| p.allowed_ips.iter().map(IpNet::trunc))
         .collect();
+    let by_key: std::collections::HashMap<&PublicKey, &crate::uapi::PeerInfo> =
+        current.peers.iter().map(|p| (&p.public_key, p)).collect();
     for (key, want) in &desired.peers {
-        let have = current.peers.iter().find(|p| p.public_key == *key);
+        let have = by_key.get(key).copied();
         let have_ips: Vec<IpNet> = have
             .map(|h| h.allowed_ips.iter().map(IpNet::trunc).collect())
             .unwrap_or_default();

@@ -87,26 +87,36 @@ struct State {
     by_index: HashMap<u32, Arc<Peer>>,
     /// Which peer holds each allowed IP (an allowed IP belongs to one peer).
     owners: HashMap<IpNet, PublicKey>,
+    /// Prefix lengths present in `owners`, per family.
+    lens_v4: std::collections::BTreeSet<u8>,
+    lens_v6: std::collections::BTreeSet<u8>,
     next_index: u32,
 }
 
 impl State {
-    /// Longest-prefix match over every peer's AllowedIPs.
+    /// Longest-prefix match over every peer's AllowedIPs: one hash lookup per prefix length in
+    /// use (a cluster has a few), whatever the number of peers.
     fn route(&self, dst: IpAddr) -> Option<Arc<Peer>> {
-        let mut best: Option<(u8, &Arc<Peer>)> = None;
-        for p in self.peers.values() {
-            for n in p
-                .allowed_ips
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-            {
-                if n.contains(&dst) && best.is_none_or(|(len, _)| n.prefix_len() > len) {
-                    best = Some((n.prefix_len(), p));
-                }
-            }
+        let lens = match dst {
+            IpAddr::V4(_) => &self.lens_v4,
+            IpAddr::V6(_) => &self.lens_v6,
+        };
+        lens.iter().rev().find_map(|len| {
+            let net = IpNet::new(dst, *len).ok()?.trunc();
+            self.peers.get(self.owners.get(&net)?).cloned()
+        })
+    }
+
+    /// The prefix lengths in use, after the allowed IPs changed.
+    fn index_prefix_lengths(&mut self) {
+        self.lens_v4.clear();
+        self.lens_v6.clear();
+        for n in self.owners.keys() {
+            match n {
+                IpNet::V4(_) => self.lens_v4.insert(n.prefix_len()),
+                IpNet::V6(_) => self.lens_v6.insert(n.prefix_len()),
+            };
         }
-        best.map(|(_, p)| p.clone())
     }
 }
 
@@ -250,6 +260,7 @@ impl Device {
                 old => {
                     let Some(private) = st.private.as_ref().map(|k| k.secret().clone()) else {
                         warn!("a peer was added before the private key; set private_key first");
+                        st.index_prefix_lengths();
                         return Err(libc::EINVAL);
                     };
                     let preshared = pu
@@ -345,6 +356,7 @@ impl Device {
                 }
             }
         }
+        st.index_prefix_lengths();
         Ok(())
     }
 

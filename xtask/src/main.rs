@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, Result, bail};
 
 mod bench_datapath;
+mod bench_nodes;
 mod bench_wg;
 mod fuzz;
 mod vm;
@@ -352,9 +353,9 @@ fn bench(args: &[String]) -> Result<()> {
             .unwrap_or(default)
     };
     let what = args.first().map(String::as_str);
-    if !matches!(what, Some("wg" | "datapath")) {
+    if !matches!(what, Some("wg" | "datapath" | "nodes")) {
         bail!(
-            "usage: cargo xtask bench wg [--seconds N] [--baseline GIT-REV] | bench datapath [--seconds N] [--rounds N]"
+            "usage: cargo xtask bench wg [--seconds N] [--baseline GIT-REV] | bench datapath [--seconds N] [--rounds N] | bench nodes"
         );
     }
     setup()?;
@@ -365,6 +366,9 @@ fn bench(args: &[String]) -> Result<()> {
         .and_then(|p| p.parent())
         .map(|t| t.join("release").join("meshd"))
         .context("target dir")?;
+    if what == Some("nodes") {
+        return bench_nodes::run(&meshd);
+    }
     if what == Some("datapath") {
         return bench_datapath::run(&meshd, flag("--seconds", 5), flag("--rounds", 8));
     }
@@ -387,7 +391,7 @@ fn main() -> ExitCode {
         Some("fuzz") => fuzz::run(&args[1..]),
         _ => {
             eprintln!(
-                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath [--seconds N] | fuzz [--seconds N] [target…]>"
+                "usage: cargo xtask <setup | lab [--keep] | test [cargo test args] | vm-test [test filter] | bench wg|datapath|nodes [--seconds N] | fuzz [--seconds N] [target…]>"
             );
             return ExitCode::from(2);
         }

@@ -45,9 +45,9 @@ mod prog {
     #[map(name = "MESHD_STRICT_CFG")]
     static STRICT_CFG: Array<StrictConfig> = Array::pinned(1, 0);
     #[map(name = "MESHD_STRICT4")]
-    static STRICT4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(1024, BPF_F_NO_PREALLOC);
+    static STRICT4: LpmTrie<[u8; 4], u8> = LpmTrie::pinned(65536, BPF_F_NO_PREALLOC);
     #[map(name = "MESHD_STRICT6")]
-    static STRICT6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(1024, BPF_F_NO_PREALLOC);
+    static STRICT6: LpmTrie<[u8; 16], u8> = LpmTrie::pinned(65536, BPF_F_NO_PREALLOC);
     /// Interfaces of local endpoints (host-side veths): traffic routed into one stays on the node.
     #[map(name = "MESHD_LOCAL_IFS")]
     static LOCAL_IFS: HashMap<u32, u8> = HashMap::pinned(65536, BPF_F_NO_PREALLOC);

@@ -420,8 +420,14 @@ struct PeerView<'a> {
 
 impl WgView {
     fn configured(&self) -> impl Iterator<Item = PeerView<'_>> {
-        self.peers.peers.iter().map(|(key, want)| {
-            let have = self.device.peers.iter().find(|p| p.public_key == *key);
+        let by_key: std::collections::HashMap<&PublicKey, &wg::uapi::PeerInfo> = self
+            .device
+            .peers
+            .iter()
+            .map(|p| (&p.public_key, p))
+            .collect();
+        self.peers.peers.iter().map(move |(key, want)| {
+            let have = by_key.get(key).copied();
             let (age, state) = peer_state(have.and_then(|h| h.last_handshake));
             PeerView {
                 key,
