@@ -152,6 +152,15 @@ pub async fn strict_loop(
                         }
                     }
                 }
+                Err(e) if !settings.enabled => {
+                    // Turning a previous run's strict mode off is best effort: with the maps
+                    // unreachable there is nothing to turn off.
+                    warn!(error = %e, "could not mark strict mode off in the datapath maps");
+                    ComponentStatus {
+                        state: Health::Disabled,
+                        message: "Disabled".into(),
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "writing the strict-mode maps failed; retrying");
                     ComponentStatus {
