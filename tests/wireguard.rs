@@ -252,12 +252,12 @@ except OSError as e:
     );
     lab_ok(&["node", "delete", "--name", &lab.0, "node-4"]);
     wait_for(
-        "node-4's peer to be removed everywhere",
+        "node-4's peer and routes to be removed everywhere",
         Duration::from_secs(5),
         || {
-            ["node-1", "node-2", "node-3"]
-                .iter()
-                .all(|n| !wg_peers(&lab, n).contains(&key4))
+            ["node-1", "node-2", "node-3"].iter().all(|n| {
+                !wg_peers(&lab, n).contains(&key4) && !lab.routes(n).contains("198.19.4.0/24")
+            })
         },
     );
 }

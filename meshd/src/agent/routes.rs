@@ -176,7 +176,11 @@ pub struct RouteManager {
 
 /// The message for a route; for a removal (`full: false`) only what identifies it: its
 /// destination, metric, type and protocol.
-fn route_message((dst, metric): RouteKey, route: Route, full: bool) -> RouteMessage {
+/// The netlink message for a route: for adding it (`with_mtu`), or for deleting exactly that
+/// route (the same type, scope, next hop and metric: the kernel deletes the first route that
+/// matches what a delete names, and a device route has link scope, so a delete that left the
+/// scope out matched nothing and a route into the tunnel device outlived its node).
+fn route_message((dst, metric): RouteKey, route: Route, with_mtu: bool) -> RouteMessage {
     let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst.addr(), dst.prefix_len())
         .protocol(RouteProtocol::Other(MESHD_ROUTE_PROTOCOL));
@@ -185,16 +189,15 @@ fn route_message((dst, metric): RouteKey, route: Route, full: bool) -> RouteMess
     }
     match route.hop {
         NextHop::Unreachable => b = b.kind(RouteType::Unreachable),
-        NextHop::Gateway(gw) if full => b = b.gateway(gw),
-        NextHop::Device(i) if full => {
+        NextHop::Gateway(gw) => b = b.gateway(gw),
+        NextHop::Device(i) => {
             b = b
                 .output_interface(i)
                 .scope(rtnetlink::packet_route::route::RouteScope::Link)
         }
-        _ => {}
     }
     let mut msg = b.build();
-    if let Some(mtu) = route.mtu.filter(|_| full) {
+    if let Some(mtu) = route.mtu.filter(|_| with_mtu) {
         msg.attributes
             .push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
     }
