@@ -727,56 +727,104 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     result
 }
 
+/// What the CiliumNode watcher's pump hands the table keeper.
+enum NodeWatch {
+    Event(Event),
+    /// A failure the watcher recovers from (for status).
+    Error(String),
+}
+
+/// Watches CiliumNodes into the node table. The watcher runs as a pump into a channel, and the
+/// table keeper takes everything that has arrived since its last pass, applies it with one
+/// settling pass and publishes one snapshot: a join storm of thousands of nodes costs a few
+/// passes, not one full pass (and table copy) per object.
 async fn watch_nodes(
     api: Api<DynamicObject>,
     own_name: String,
     out: Writer<NodesView>,
 ) -> Result<(), AgentError> {
-    let mut watch = Watcher::new(api);
-    let mut buffer: Option<Vec<DynamicObject>> = None;
-    let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
-    loop {
-        let ev = watch
-            .next_or_end("CiliumNode", |e| {
-                let message = format!("watching CiliumNodes: {e}");
-                out.update(|v| {
-                    let changed = v.error.as_ref() != Some(&message);
-                    v.error = Some(message);
-                    changed
-                });
-            })
-            .await?;
-        match ev {
-            Event::Init => buffer = Some(Vec::new()),
-            Event::InitApply(o) => buffer.get_or_insert_with(Vec::new).push(o),
-            Event::InitDone => {
-                let objects = buffer.take().unwrap_or_default();
-                out.update(|v| {
-                    v.own_object = objects.iter().find(|o| is_own(o)).cloned();
-                    v.table.replace_all(&objects);
-                    v.synced = true;
-                    v.error = None;
-                    true
-                });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<NodeWatch>();
+    let pump = async move {
+        let mut watch = Watcher::new(api);
+        loop {
+            let ev = watch
+                .next_or_end("CiliumNode", |e| {
+                    let _ = tx.send(NodeWatch::Error(format!("watching CiliumNodes: {e}")));
+                })
+                .await?;
+            if tx.send(NodeWatch::Event(ev)).is_err() {
+                return Ok::<(), AgentError>(());
             }
-            Event::Apply(o) => out.update(|v| {
-                if is_own(&o) {
-                    v.own_object = Some(o.clone());
-                }
-                v.table.apply(&o);
-                v.error = None;
-                true
-            }),
-            Event::Delete(o) => out.update(|v| {
-                if is_own(&o) {
-                    v.own_object = None;
-                }
-                v.table
-                    .delete(o.metadata.name.as_deref().unwrap_or_default());
-                v.error = None;
-                true
-            }),
         }
+    };
+    let keeper = async move {
+        let mut view: NodesView = (*out.current()).clone();
+        let mut buffer: Option<Vec<DynamicObject>> = None;
+        let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 100_000
+                && let Ok(m) = rx.try_recv()
+            {
+                batch.push(m);
+            }
+            let mut changed = false;
+            let mut pending: Vec<NodeWatch> = Vec::new();
+            let flush = |view: &mut NodesView, pending: &mut Vec<NodeWatch>| {
+                if pending.is_empty() {
+                    return;
+                }
+                let changes = pending.iter().filter_map(|m| match m {
+                    NodeWatch::Event(Event::Apply(o)) => Some(nodes::TableChange::Apply(o)),
+                    NodeWatch::Event(Event::Delete(o)) => Some(nodes::TableChange::Delete(
+                        o.metadata.name.as_deref().unwrap_or_default(),
+                    )),
+                    _ => None,
+                });
+                view.table.apply_batch(changes);
+                pending.clear();
+            };
+            for m in batch {
+                match m {
+                    NodeWatch::Error(message) => {
+                        changed |= view.error.as_ref() != Some(&message);
+                        view.error = Some(message);
+                    }
+                    NodeWatch::Event(Event::Init) => buffer = Some(Vec::new()),
+                    NodeWatch::Event(Event::InitApply(o)) => {
+                        buffer.get_or_insert_with(Vec::new).push(o)
+                    }
+                    NodeWatch::Event(Event::InitDone) => {
+                        flush(&mut view, &mut pending);
+                        let objects = buffer.take().unwrap_or_default();
+                        view.own_object = objects.iter().find(|o| is_own(o)).cloned();
+                        view.table.replace_all(&objects);
+                        view.synced = true;
+                        view.error = None;
+                        changed = true;
+                    }
+                    NodeWatch::Event(ev @ (Event::Apply(_) | Event::Delete(_))) => {
+                        match &ev {
+                            Event::Apply(o) if is_own(o) => view.own_object = Some(o.clone()),
+                            Event::Delete(o) if is_own(o) => view.own_object = None,
+                            _ => {}
+                        }
+                        view.error = None;
+                        pending.push(NodeWatch::Event(ev));
+                        changed = true;
+                    }
+                }
+            }
+            flush(&mut view, &mut pending);
+            if changed {
+                out.set(view.clone());
+            }
+        }
+        Ok::<(), AgentError>(())
+    };
+    tokio::select! {
+        r = pump => r,
+        r = keeper => r,
     }
 }
 

@@ -158,6 +158,12 @@ impl Node {
     }
 }
 
+/// One change of a batch ([`NodeTable::apply_batch`]).
+pub enum TableChange<'a> {
+    Apply(&'a DynamicObject),
+    Delete(&'a str),
+}
+
 /// What this node itself holds, which no other node may claim.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct LocalClaims {
@@ -309,6 +315,22 @@ impl NodeTable {
     pub fn delete(&mut self, name: &str) {
         self.claimed.remove(name);
         self.unparsable.remove(name);
+        self.settle();
+    }
+
+    /// Many changes at once (what a watcher delivered since the last pass), with one settling
+    /// pass at the end: at 5,000 nodes a join storm costs one O(n log n) pass per batch, not
+    /// per object.
+    pub fn apply_batch<'a>(&mut self, changes: impl IntoIterator<Item = TableChange<'a>>) {
+        for c in changes {
+            match c {
+                TableChange::Apply(o) => self.insert(o),
+                TableChange::Delete(name) => {
+                    self.claimed.remove(name);
+                    self.unparsable.remove(name);
+                }
+            }
+        }
         self.settle();
     }
 
