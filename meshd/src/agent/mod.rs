@@ -762,6 +762,9 @@ async fn watch_nodes(
         let mut buffer: Option<Vec<DynamicObject>> = None;
         let is_own = |o: &DynamicObject| o.metadata.name.as_deref() == Some(own_name.as_str());
         while let Some(first) = rx.recv().await {
+            // Let what follows arrive (the pump runs meanwhile): one pass per window, so a
+            // storm of events is not a storm of passes that starves the API server's stream.
+            tokio::time::sleep(state::COALESCE).await;
             let mut batch = vec![first];
             while batch.len() < 100_000
                 && let Ok(m) = rx.try_recv()

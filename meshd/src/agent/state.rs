@@ -86,17 +86,27 @@ impl<T: Send + Sync> Watched for Reader<T> {
     }
 }
 
-/// Waits until any of `sources` changes (true) or `timeout` passes (false: the
-/// level-triggered timer). An error means a source's writer ended, which ends the agent.
+/// After a change, how long a reconciler waits for more before its pass: a storm of changes
+/// (thousands of nodes joining) costs a pass per window, not a pass per change, and one change
+/// still reaches the kernel within tens of milliseconds.
+pub const COALESCE: Duration = Duration::from_millis(25);
+
+/// Waits until any of `sources` changes (true, after [`COALESCE`] so that changes arriving
+/// together are taken together) or `timeout` passes (false: the level-triggered timer). An
+/// error means a source's writer ended, which ends the agent.
 pub async fn any_change(
     sources: &mut [&mut dyn Watched],
     timeout: Duration,
 ) -> Result<bool, SourceGone> {
     let waits: Vec<_> = sources.iter_mut().map(|s| s.wait()).collect();
-    tokio::select! {
+    let changed = tokio::select! {
         (r, _, _) = futures::future::select_all(waits) => r.map(|()| true),
         _ = tokio::time::sleep(timeout) => Ok(false),
+    }?;
+    if changed {
+        tokio::time::sleep(COALESCE).await;
     }
+    Ok(changed)
 }
 
 #[cfg(test)]

@@ -51,6 +51,15 @@ pub fn prefixes(settings: &Settings, table: &NodeTable) -> Vec<ipnet::IpNet> {
     out.into_iter().map(|c| c.trunc()).collect()
 }
 
+/// The strict CIDRs for status: all of a few, or how many and the first ones.
+fn describe(shown: &[String]) -> String {
+    if shown.len() <= 8 {
+        shown.join(",")
+    } else {
+        format!("{} CIDRs ({}, …)", shown.len(), shown[..4].join(","))
+    }
+}
+
 fn want(
     settings: &Settings,
     prefixes: &[ipnet::IpNet],
@@ -122,7 +131,13 @@ pub async fn strict_loop(
                 Ok(changed) => {
                     let shown: Vec<String> = prefixes.iter().map(ToString::to_string).collect();
                     if changed && settings.enabled {
-                        info!(prefixes = ?shown, encrypt_ifindex = ?device, local_endpoints = want.local_ifs.len(), "strict mode updated");
+                        info!(
+                            prefixes = shown.len(),
+                            first = ?shown.iter().take(4).collect::<Vec<_>>(),
+                            encrypt_ifindex = ?device,
+                            local_endpoints = want.local_ifs.len(),
+                            "strict mode updated"
+                        );
                     }
                     if !settings.enabled {
                         ComponentStatus {
@@ -134,7 +149,7 @@ pub async fn strict_loop(
                             state: Health::Failure,
                             message: format!(
                                 "no encryption device: all traffic to {} is dropped",
-                                shown.join(",")
+                                describe(&shown)
                             ),
                         }
                     } else {
@@ -142,7 +157,7 @@ pub async fn strict_loop(
                             state: Health::Ok,
                             message: format!(
                                 "Enabled for {}{}",
-                                shown.join(","),
+                                describe(&shown),
                                 if settings.allow_remote_node {
                                     " (remote-node identities allowed)"
                                 } else {
