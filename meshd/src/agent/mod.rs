@@ -729,7 +729,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 
 /// What the CiliumNode watcher's pump hands the table keeper.
 enum NodeWatch {
-    Event(Event),
+    Event(Box<Event>),
     /// A failure the watcher recovers from (for status).
     Error(String),
 }
@@ -752,7 +752,7 @@ async fn watch_nodes(
                     let _ = tx.send(NodeWatch::Error(format!("watching CiliumNodes: {e}")));
                 })
                 .await?;
-            if tx.send(NodeWatch::Event(ev)).is_err() {
+            if tx.send(NodeWatch::Event(Box::new(ev))).is_err() {
                 return Ok::<(), AgentError>(());
             }
         }
@@ -772,14 +772,14 @@ async fn watch_nodes(
                 batch.push(m);
             }
             let mut changed = false;
-            let mut pending: Vec<NodeWatch> = Vec::new();
-            let flush = |view: &mut NodesView, pending: &mut Vec<NodeWatch>| {
+            let mut pending: Vec<Event> = Vec::new();
+            let flush = |view: &mut NodesView, pending: &mut Vec<Event>| {
                 if pending.is_empty() {
                     return;
                 }
                 let changes = pending.iter().filter_map(|m| match m {
-                    NodeWatch::Event(Event::Apply(o)) => Some(nodes::TableChange::Apply(o)),
-                    NodeWatch::Event(Event::Delete(o)) => Some(nodes::TableChange::Delete(
+                    Event::Apply(o) => Some(nodes::TableChange::Apply(o)),
+                    Event::Delete(o) => Some(nodes::TableChange::Delete(
                         o.metadata.name.as_deref().unwrap_or_default(),
                     )),
                     _ => None,
@@ -788,16 +788,18 @@ async fn watch_nodes(
                 pending.clear();
             };
             for m in batch {
-                match m {
+                let ev = match m {
                     NodeWatch::Error(message) => {
                         changed |= view.error.as_ref() != Some(&message);
                         view.error = Some(message);
+                        continue;
                     }
-                    NodeWatch::Event(Event::Init) => buffer = Some(Vec::new()),
-                    NodeWatch::Event(Event::InitApply(o)) => {
-                        buffer.get_or_insert_with(Vec::new).push(o)
-                    }
-                    NodeWatch::Event(Event::InitDone) => {
+                    NodeWatch::Event(ev) => *ev,
+                };
+                match ev {
+                    Event::Init => buffer = Some(Vec::new()),
+                    Event::InitApply(o) => buffer.get_or_insert_with(Vec::new).push(o),
+                    Event::InitDone => {
                         flush(&mut view, &mut pending);
                         let objects = buffer.take().unwrap_or_default();
                         view.own_object = objects.iter().find(|o| is_own(o)).cloned();
@@ -806,14 +808,14 @@ async fn watch_nodes(
                         view.error = None;
                         changed = true;
                     }
-                    NodeWatch::Event(ev @ (Event::Apply(_) | Event::Delete(_))) => {
+                    ev @ (Event::Apply(_) | Event::Delete(_)) => {
                         match &ev {
                             Event::Apply(o) if is_own(o) => view.own_object = Some(o.clone()),
                             Event::Delete(o) if is_own(o) => view.own_object = None,
                             _ => {}
                         }
                         view.error = None;
-                        pending.push(NodeWatch::Event(ev));
+                        pending.push(ev);
                         changed = true;
                     }
                 }
