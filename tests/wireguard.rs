@@ -636,8 +636,8 @@ fn break_tunnel_and_watch_the_wire(lab: &Lab, how: &str, break_it: impl FnOnce()
     let tcpdump = capture_pod_packets(lab);
     let drops_before = unencrypted_drops(lab, "node-1");
     break_it();
-    // A ping every 10 ms, 1,000 of them (half again under emulation, where recovery is slower).
-    let count = (if time_scale() > 1 { 1500 } else { 1000 }).to_string();
+    // A ping every 10 ms, 1,000 of them (more under emulation, where everything is slower).
+    let count = (1000 * time_scale()).to_string();
     let out = lab.exec(
         "pod-1a",
         &["ping", "-c", &count, "-i", "0.01", "-W", "1", "198.19.2.10"],

@@ -323,45 +323,29 @@ pub fn vm_test(args: &[String]) -> Result<()> {
     }
     // The VM sees this machine's / read-only: mount points the lab needs must exist here.
     std::fs::create_dir_all("/var/lib/meshd")?;
-    // The end-to-end test binaries and the tests of each that need a kernel backend. On 6.12,
-    // every WireGuard test; on 6.1 the ones whose kernel side differs by version (the datapath's
-    // attach mode and FIB lookups under a dead tunnel, wireguard-go interop); the tunnel itself
-    // (streams, restarts, keys) is the same module code and runs once, on 6.12.
-    let suites = |kernel: &str| -> [(&'static str, &'static [&'static str]); 2] {
-        if kernel == "6.1" {
-            [
-                ("wireguard", &["a_dead_tunnel", "wireguard_interop"]),
-                ("policy", &["policy", "cidr"]),
-            ]
+    // The end-to-end test binaries and the tests of each that need a kernel backend.
+    let suites: [(&str, &[&str]); 2] = [("wireguard", &[]), ("policy", &["policy", "cidr"])];
+    let mut script = String::from(
+        "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\necho \"vm: kernel $(uname -r)\"\n",
+    );
+    for (suite, default_filters) in suites {
+        let bin = test_binary("meshd-e2e", suite)?;
+        let f: Vec<&str> = if filters.is_empty() {
+            default_filters.to_vec()
         } else {
-            [("wireguard", &[]), ("policy", &["policy", "cidr"])]
-        }
-    };
-    let script_for = |kernel: &str| -> Result<String> {
-        let mut script = String::from(
-            "export CI=true MESHD_EXPECT_WG_BACKEND=kernel MESHD_TEST_TIME_SCALE=5 RUST_BACKTRACE=1 MESHD_LAB_LOGS=\"$KLAB_SCRATCH/lab-logs\"\nmodprobe wireguard || exit 90\nmodprobe tun || exit 91\necho \"vm: kernel $(uname -r)\"\n",
-        );
-        for (suite, default_filters) in suites(kernel) {
-            let bin = test_binary("meshd-e2e", suite)?;
-            let f: Vec<&str> = if filters.is_empty() {
-                default_filters.to_vec()
-            } else {
-                filters.iter().map(String::as_str).collect()
-            };
-            script.push_str(&format!(
-                "{} {} --test-threads=1 --nocapture || exit $?\n",
-                bin.display(),
-                f.join(" ")
-            ));
-        }
-        Ok(script)
-    };
+            filters.iter().map(String::as_str).collect()
+        };
+        script.push_str(&format!(
+            "{} {} --test-threads=1 --nocapture || exit $?\n",
+            bin.display(),
+            f.join(" ")
+        ));
+    }
     let mut failed = Vec::new();
     for kernel in kernels()? {
         if only.as_deref().is_some_and(|k| k != kernel.name) {
             continue;
         }
-        let script = script_for(kernel.name)?;
         eprintln!(
             "xtask vm-test: booting {} under QEMU (software emulation) to run the lab tests",
             kernel.vmlinuz.display()
