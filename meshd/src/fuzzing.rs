@@ -105,16 +105,6 @@ mod tests {
     /// Every input the fuzzers kept (`fuzz/corpus/cilium_node/`) runs as an ordinary test.
     #[test]
     fn replays_the_cilium_node_corpus() {
-        let dir =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/cilium_node");
-        let files: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-            .flatten()
-            .collect();
-        assert!(!files.is_empty(), "no corpus in {}", dir.display());
-        for f in files {
-            let data = std::fs::read(f.path()).unwrap_or_default();
-            super::cilium_nodes(&data);
-        }
+        wg::fuzzing::replay_corpus("cilium_node", super::cilium_nodes);
     }
 }

@@ -124,27 +124,34 @@ pub fn datagram(data: &[u8]) {
     }
 }
 
+/// Runs `harness` on every file of the corpus `fuzz/corpus/<name>/` (what the fuzzers kept),
+/// as an ordinary test does; an empty or missing corpus is a failure.
+pub fn replay_corpus(name: &str, harness: fn(&[u8])) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(name);
+    let files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .flatten()
+        .collect();
+    assert!(!files.is_empty(), "no corpus in {}", dir.display());
+    for f in files {
+        harness(&std::fs::read(f.path()).unwrap_or_default());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Every input the fuzzers kept (`fuzz/corpus/<target>/`) runs as an ordinary test.
     #[test]
     fn replays_the_fuzz_corpora() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         for (name, harness) in [
             ("uapi", super::uapi as fn(&[u8])),
             ("key_file", super::key_file),
             ("offload", super::offload),
             ("datagram", super::datagram),
         ] {
-            let dir = root.join(name);
-            let files: Vec<_> = std::fs::read_dir(&dir)
-                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .flatten()
-                .collect();
-            assert!(!files.is_empty(), "no corpus in {}", dir.display());
-            for f in files {
-                harness(&std::fs::read(f.path()).unwrap_or_default());
-            }
+            super::replay_corpus(name, harness);
         }
     }
 }

@@ -18,7 +18,8 @@ use anyhow::{Context as _, Result, bail};
 
 const LAB: &str = "b-dp";
 
-fn out(cmd: &mut Command) -> Result<String> {
+/// Runs `cmd`; its stdout, or an error with its output.
+pub(crate) fn out(cmd: &mut Command) -> Result<String> {
     let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
     if !o.status.success() {
         bail!(

@@ -11,19 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-const LAB: &str = "b-nodes";
+use crate::bench_datapath::out;
 
-fn out(cmd: &mut Command) -> Result<String> {
-    let o = cmd.output().with_context(|| format!("running {cmd:?}"))?;
-    if !o.status.success() {
-        bail!(
-            "{cmd:?} failed: {}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
+const LAB: &str = "b-nodes";
 
 fn kubectl(args: &[&str]) -> Command {
     let mut c = Command::new("kubectl");
